@@ -1,0 +1,240 @@
+"""The ``facedistill`` command line: thin commands that build objects from a validated config and call the layers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="Distil face-recognition models into small, fast students, and prove how good they are.",
+)
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config value, e.g. --set train.epochs=20 (repeatable)."),
+]
+
+
+def _fail(error: Exception) -> None:
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def train(
+    config: Annotated[
+        Path | None, typer.Argument(help="YAML config; defaults apply to what it leaves out.")
+    ] = None,
+    overrides: SetOption = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the run directory's last checkpoint.")] = False,
+) -> None:
+    """Train a student with the method of the config (arcface, margin_distillation, ...)."""
+    from facedistill.config import ConfigError, load_config
+    from facedistill.train.loop import train as run_training
+
+    try:
+        cfg = load_config(config, overrides or [])
+        summary = run_training(cfg, resume=resume)
+    except (ConfigError, ValueError, FileNotFoundError, OSError) as error:
+        _fail(error)
+    typer.echo(json.dumps(summary.to_dict(), indent=2, default=str))
+
+
+@app.command()
+def distill(
+    data: Annotated[Path | None, typer.Option(help="Training set: identity folders or RecordIO.")] = None,
+    teacher: Annotated[str | None, typer.Option(help="sface, an .onnx file or a .pth checkpoint.")] = None,
+    cache: Annotated[Path | None, typer.Option(help="Teacher cache directory (cache-teacher).")] = None,
+    method: Annotated[str, typer.Option(help="Distillation method.")] = "margin_distillation",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config with the rest of the recipe.")] = None,
+    overrides: SetOption = None,
+    resume: bool = False,
+) -> None:
+    """Distil a teacher into a student; flags are shorthands for config keys."""
+    sets = [f"method.name={method}"]
+    if data:
+        sets.append(f"data.train={data}")
+    if teacher:
+        sets.append(f"teacher.spec={teacher}")
+    if cache:
+        sets.append(f"teacher.cache={cache}")
+    if output:
+        sets.append(f"run.output_dir={output}")
+    train(config, sets + list(overrides or []), resume)
+
+
+@app.command("cache-teacher")
+def cache_teacher(
+    teacher: Annotated[str, typer.Option(help="sface, an .onnx file or a .pth checkpoint.")],
+    data: Annotated[Path, typer.Option(help="Training set: identity folders or RecordIO.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Cache directory.")],
+    batch_size: int = 64,
+    workers: int = 2,
+    overwrite: bool = False,
+) -> None:
+    """Embed every training image and its mirror with the teacher, once (resumable)."""
+    from facedistill.data.datasets import open_training_set
+    from facedistill.teachers import create_teacher
+    from facedistill.teachers.cache import build_teacher_cache
+
+    try:
+        cache = build_teacher_cache(
+            create_teacher(teacher), open_training_set(data), out, batch_size, workers, overwrite
+        )
+    except (ValueError, FileNotFoundError, OSError) as error:
+        _fail(error)
+    typer.echo(f"cached {cache.num_images} images x 2 views of {cache.teacher_id} in {out}")
+
+
+@app.command("eval")
+def evaluate(
+    pairs: Annotated[Path, typer.Option(help="LFW pairs.txt, a .bin pack or a pairs TSV.")],
+    model: Annotated[Path | None, typer.Argument(help="facedistill checkpoint (.pt).")] = None,
+    images: Annotated[Path | None, typer.Option(help="Image root for pairs.txt/TSV.")] = None,
+    teacher: Annotated[
+        str | None, typer.Option(help="Evaluate a teacher instead (sface, .onnx, .pth).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write results JSON and ROC plot here.")] = None,
+    flip: bool = True,
+    batch_size: int = 256,
+    workers: int = 2,
+) -> None:
+    """10-fold verification (flip test, mean +- std), TAR at FAR 1e-3/1e-4 and a ROC plot."""
+    from facedistill.eval.metrics import plot_roc
+    from facedistill.eval.verify import evaluate_pairs, load_pairs_set, student_embedder
+
+    try:
+        if (model is None) == (teacher is None):
+            raise ValueError("give either a checkpoint or --teacher")
+        if teacher is not None:
+            from facedistill.teachers import create_teacher
+
+            embed = create_teacher(teacher).embed
+            label = teacher
+        else:
+            from facedistill.train.checkpoint import load_student
+
+            student, _ = load_student(model)
+            embed = student_embedder(student)
+            label = model.parent.name or model.stem
+        pairs_set = load_pairs_set(pairs, images)
+        result, _ = evaluate_pairs(embed, pairs_set, flip, batch_size, workers)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        _fail(error)
+    typer.echo(
+        f"{pairs_set.name}: accuracy {result.summary()}  "
+        + "  ".join(f"TAR@FAR={far:g}: {tar * 100:.2f}%" for far, tar in result.tar_at_far.items())
+    )
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"eval_{pairs_set.name}.json").write_text(json.dumps(result.to_dict(), indent=2))
+        plot_roc({label: result}, out / f"roc_{pairs_set.name}.png", f"{pairs_set.name}: {label}")
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="facedistill checkpoint (.pt).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="ONNX file to write.")] = Path("model.onnx"),
+    opset: int = 17,
+) -> None:
+    """Export the student to ONNX: float32 NCHW RGB 112x112, (x-127.5)/127.5 in; raw embedding out."""
+    from facedistill.export.onnx import export_onnx
+    from facedistill.train.checkpoint import load_student
+
+    try:
+        student, cfg = load_student(checkpoint)
+        report = export_onnx(
+            student,
+            output,
+            opset=opset,
+            metadata={"facedistill.model": cfg["model"]["name"], "facedistill.method": cfg["method"]["name"]},
+        )
+    except (ValueError, FileNotFoundError, OSError) as error:
+        _fail(error)
+    typer.echo(
+        f"wrote {report.path} (opset {report.opset}); onnxruntime vs PyTorch max abs diff "
+        f"{report.max_abs_diff:.2e}"
+    )
+
+
+@app.command()
+def info(
+    model: Annotated[str, typer.Argument(help="Backbone name, e.g. mobilefacenet, iresnet50.")],
+    embedding_size: int = 512,
+) -> None:
+    """Params and MACs of a backbone at 112x112."""
+    from facedistill.models import BACKBONES, create_model
+    from facedistill.models.complexity import count_macs, count_parameters, format_count
+
+    if model not in BACKBONES:
+        _fail(KeyError(f"unknown backbone '{model}'; known: {', '.join(BACKBONES.names())}"))
+    net = create_model(model, embedding_size=embedding_size)
+    typer.echo(
+        f"{model} (embedding {embedding_size}): params {format_count(count_parameters(net))}, "
+        f"MACs {format_count(count_macs(net))} at 112x112"
+    )
+
+
+@app.command()
+def pack(
+    source: Annotated[Path, typer.Argument(help="Identity folders to pack (root/<identity>/<image>).")],
+    out: Annotated[
+        Path, typer.Argument(help="Output directory for train.rec/.idx/property, or a .bin file.")
+    ],
+    pairs: Annotated[
+        Path | None, typer.Option(help="Pack these pairs (LFW/TSV) into a .bin instead.")
+    ] = None,
+) -> None:
+    """Folder -> insightface RecordIO (train.rec/.idx/property), or pairs -> .bin verification pack."""
+    from facedistill.data.datasets import ImageFolderDataset
+    from facedistill.data.recordio import pack_folder_to_recordio
+    from facedistill.data.verification import pack_pairs_to_bin
+
+    try:
+        if pairs is not None:
+            from facedistill.eval.verify import load_pairs_set
+
+            pack_pairs_to_bin(load_pairs_set(pairs, source).pairs, out)
+            typer.echo(f"wrote {out}")
+            return
+        folder = ImageFolderDataset(source)
+        samples = [
+            (folder.root / rel, int(label)) for rel, label in zip(folder.relative_paths, folder.labels)
+        ]
+        pack_folder_to_recordio(samples, out)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        _fail(error)
+    typer.echo(f"packed {len(folder)} images of {folder.num_classes} identities into {out}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo writes everything.")] = Path(
+        "runs/demo"
+    ),
+    data: Annotated[Path | None, typer.Option(help="Real training faces (identity folders).")] = None,
+    pairs: Annotated[Path | None, typer.Option(help="Real test pairs (LFW pairs.txt).")] = None,
+    images: Annotated[Path | None, typer.Option(help="Image root of --pairs.")] = None,
+    teacher: Annotated[str | None, typer.Option(help="Teacher for real data, e.g. sface.")] = None,
+    epochs: Annotated[
+        float | None, typer.Option(help="Student epochs (default: 6 synthetic, 12 real).")
+    ] = None,
+) -> None:
+    """The whole pipeline: teacher, cache, ArcFace and MarginDistillation students, evaluation, table, plot."""
+    from facedistill.demo import run_demo
+
+    try:
+        run_demo(out, data=data, pairs=pairs, images=images, teacher=teacher, epochs=epochs)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        _fail(error)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,252 @@
+"""Declarative, validated run configuration.
+
+Configs are YAML read with ``yaml.safe_load`` into dataclasses: unknown keys, wrong types and values outside their
+allowed set fail with the dotted key that is wrong and what would be accepted. Nothing in a config is executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the dotted key."""
+
+
+@dataclass
+class RunSection:
+    output_dir: str = "runs/run"
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class DataSection:
+    train: str = ""
+    batch_size: int = 128
+    num_workers: int = 2
+    flip: bool = True
+    skip_bad_images: bool = False
+    # A pairs file (LFW pairs.txt, TSV or .bin) used for validation during training. Never a test set.
+    val_pairs: str | None = None
+    val_images: str | None = None
+
+
+@dataclass
+class ModelSection:
+    name: str = "mobilefacenet"
+    embedding_size: int = 512
+
+
+@dataclass
+class TeacherSection:
+    # "sface", a path to an .onnx model or to a .pth/.pt checkpoint; null for methods without a teacher.
+    spec: str | None = None
+    cache: str | None = None
+    # Class centres: "auto" takes the teacher's head when it has one, else per-class means of the cached embeddings.
+    centres: Literal["auto", "head", "mean"] = "auto"
+    # Mirrored training images take the teacher embedding of the mirror image (the cache holds both).
+    mirror_rows: bool = True
+
+
+@dataclass
+class OptimSection:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class ScheduleSection:
+    name: Literal["cosine", "step", "poly", "constant"] = "cosine"
+    warmup_epochs: float = 1.0
+    warmup_start_factor: float = 0.01
+    milestones: list[float] = field(default_factory=list)  # in epochs, for "step"
+    gamma: float = 0.1
+    power: float = 2.0
+    min_lr_factor: float = 0.0
+
+
+@dataclass
+class TrainSection:
+    epochs: float = 10.0
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    grad_clip: float | None = 5.0
+    log_every: int = 20
+    checkpoint_every: int = 500
+    val_every_epochs: float = 1.0
+    # "last" reports the final model; "best_val" the best one on data.val_pairs (never a test set).
+    select: Literal["last", "best_val"] = "last"
+    export_onnx: bool = True
+    max_steps: int | None = None
+
+
+@dataclass
+class EvalSection:
+    # Test sets evaluated once, at the end, on the selected model: a list of {name, pairs, images}.
+    tests: list[dict[str, str]] = field(default_factory=list)
+    batch_size: int = 256
+    flip: bool = True
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "arcface"})
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _to_plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(item) for item in value]
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (ints to floats, lists to tuples)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in get_args(tp):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return coerce(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            allowed = ", ".join(repr(option) for option in get_args(tp))
+            raise ConfigError(f"{key}: {value!r} is not one of {allowed}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(coerce(item, arg, f"{key}[{i}]") for i, (item, arg) in enumerate(zip(value, args)))
+        item_type = args[0] if args else Any
+        items = [coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, value_type = get_args(tp) or (str, Any)
+        return {str(k): coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and mistyped values."""
+    where = prefix or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(fields))}"
+        )
+    values = {
+        name: coerce(value, hints[name], f"{prefix + '.' if prefix else ''}{name}")
+        for name, value in data.items()
+    }
+    return cls(**values)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML scalars/lists (never evaluated as code)."""
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r} must look like section.key=value")
+        dotted, raw = override.split("=", 1)
+        node = data
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {override!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [])
+    config = from_dict(Config, data)
+    if "name" not in config.method:
+        raise ConfigError("method.name is required (e.g. arcface, margin_distillation)")
+    return config
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,155 @@
+"""Training datasets: identity folders and insightface RecordIO, both yielding (uint8 image, label, index)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from facedistill.data.images import ImageDecodeError, decode_image, to_chw_tensor
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+
+
+class FaceDataset(Dataset):
+    """Base: ``labels`` (int64, one per image), ``num_classes``, ``fingerprint()`` and ``read_bytes(i)``.
+
+    ``__getitem__`` returns ``(image uint8 [3,H,W], label, index)``; the index finds the image's row in a teacher
+    cache. With ``skip_bad=True`` an unreadable image yields ``None`` (counted by ``collate_faces``) instead of
+    stopping the run.
+    """
+
+    labels: np.ndarray
+    num_classes: int
+
+    def __init__(self, skip_bad: bool = False) -> None:
+        self.skip_bad = skip_bad
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read_bytes(self, index: int) -> tuple[bytes, str]:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | None:
+        try:
+            data, source = self.read_bytes(index)
+            image = decode_image(data, source)
+        except ImageDecodeError:
+            if self.skip_bad:
+                return None
+            raise
+        return to_chw_tensor(image), int(self.labels[index]), index
+
+
+class ImageFolderDataset(FaceDataset):
+    """``root/<identity>/<image>``: identities sorted by name get labels 0..C-1, images sorted within each."""
+
+    def __init__(self, root: str | Path, skip_bad: bool = False) -> None:
+        super().__init__(skip_bad)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"training folder {self.root} does not exist")
+        identities = sorted(entry.name for entry in os.scandir(self.root) if entry.is_dir())
+        paths: list[str] = []
+        labels: list[int] = []
+        for label, identity in enumerate(identities):
+            files = sorted(
+                entry.name
+                for entry in os.scandir(self.root / identity)
+                if entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES
+            )
+            paths.extend(f"{identity}/{name}" for name in files)
+            labels.extend([label] * len(files))
+        if not paths:
+            raise ValueError(
+                f"{self.root} holds no images; expected root/<identity>/<image>.jpg|png (one folder per identity)"
+            )
+        self.identities = identities
+        self.relative_paths = paths
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.num_classes = len(identities)
+
+    def read_bytes(self, index: int) -> tuple[bytes, str]:
+        path = self.root / self.relative_paths[index]
+        try:
+            return path.read_bytes(), str(path)
+        except OSError as error:
+            raise ImageDecodeError(f"{path}: cannot be read ({error.strerror or error})") from None
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for relative, label in zip(self.relative_paths, self.labels):
+            size = (self.root / relative).stat().st_size
+            digest.update(f"{relative}\t{label}\t{size}\n".encode())
+        return "folder:" + digest.hexdigest()[:24]
+
+
+class RecordDataset(FaceDataset):
+    """insightface ``train.rec`` + ``train.idx`` (+ ``property``), read without mxnet."""
+
+    def __init__(self, rec_path: str | Path, skip_bad: bool = False) -> None:
+        from facedistill.data.recordio import open_face_record
+
+        super().__init__(skip_bad)
+        self.rec_path = Path(rec_path)
+        self.records = open_face_record(self.rec_path)
+        self.labels = np.asarray(self.records.labels, dtype=np.int64)
+        self.num_classes = int(self.records.num_classes)
+
+    def read_bytes(self, index: int) -> tuple[bytes, str]:
+        return self.records.read_image_bytes(index), f"{self.rec_path} image #{index}"
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(self.rec_path.with_suffix(".idx").read_bytes())
+        digest.update(str(self.rec_path.stat().st_size).encode())
+        digest.update(self.labels.tobytes())
+        return "recordio:" + digest.hexdigest()[:24]
+
+
+def open_training_set(path: str | Path, skip_bad: bool = False) -> FaceDataset:
+    """A folder of identity folders, a ``.rec`` file, or a folder holding ``train.rec``."""
+    path = Path(path)
+    if path.suffix == ".rec":
+        return RecordDataset(path, skip_bad)
+    if (path / "train.rec").exists():
+        return RecordDataset(path / "train.rec", skip_bad)
+    return ImageFolderDataset(path, skip_bad)
+
+
+class Batch:
+    """A collated training batch; ``skipped`` counts unreadable images dropped under ``skip_bad``."""
+
+    __slots__ = ("images", "labels", "indices", "skipped")
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, skipped: int
+    ) -> None:
+        self.images = images
+        self.labels = labels
+        self.indices = indices
+        self.skipped = skipped
+
+    def pin_memory(self) -> Batch:
+        return Batch(
+            self.images.pin_memory(), self.labels.pin_memory(), self.indices.pin_memory(), self.skipped
+        )
+
+
+def collate_faces(samples: Sequence[tuple[torch.Tensor, int, int] | None]) -> Batch:
+    kept = [sample for sample in samples if sample is not None]
+    if not kept:
+        raise ImageDecodeError("every image of a batch was unreadable; check the dataset")
+    images = torch.stack([sample[0] for sample in kept])
+    labels = torch.tensor([sample[1] for sample in kept], dtype=torch.int64)
+    indices = torch.tensor([sample[2] for sample in kept], dtype=torch.int64)
+    return Batch(images, labels, indices, len(samples) - len(kept))

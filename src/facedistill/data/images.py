@@ -1,0 +1,66 @@
+"""Image decoding: encoded bytes or files to uint8 RGB tensors [3, H, W], with errors that name the source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+FACE_SIZE = (112, 112)
+
+
+class ImageDecodeError(ValueError):
+    """An image could not be read or decoded; the message names the file or record."""
+
+
+def decode_image(data: bytes, source: str, expected_size: tuple[int, int] | None = FACE_SIZE) -> np.ndarray:
+    """Decode JPEG/PNG bytes into an HxWx3 uint8 RGB array.
+
+    ``source`` names the file or record in error messages. Faces must already be aligned: a wrong size is an
+    error (run ``facedistill align`` first) rather than a silent resize that would change the geometry.
+    """
+    if not data:
+        raise ImageDecodeError(f"{source}: empty image data")
+    array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if array is None:
+        raise ImageDecodeError(f"{source}: not a decodable image (corrupt or truncated JPEG/PNG?)")
+    if expected_size is not None and array.shape[:2] != (expected_size[1], expected_size[0]):
+        raise ImageDecodeError(
+            f"{source}: image is {array.shape[1]}x{array.shape[0]}, expected aligned "
+            f"{expected_size[0]}x{expected_size[1]} faces; align it with `facedistill align` first"
+        )
+    return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+
+
+def read_image_file(path: str | Path, expected_size: tuple[int, int] | None = FACE_SIZE) -> np.ndarray:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ImageDecodeError(f"{path}: cannot be read ({error.strerror or error})") from None
+    return decode_image(data, str(path), expected_size)
+
+
+def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB [B, 3, H, W] -> float32 (x - 127.5) / 127.5, the insightface convention."""
+    return images.float().sub_(127.5).div_(127.5)
+
+
+def random_horizontal_flip(
+    images: torch.Tensor, generator: torch.Generator, p: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror a random subset of a uint8 batch; return the batch and the boolean flip mask.
+
+    The flip happens on the batch, not in the dataset, so the mask is known to the training loop: it selects the
+    teacher's cached mirror-image embedding for exactly the images the student sees mirrored.
+    """
+    flipped = torch.rand(images.shape[0], generator=generator) < p
+    if flipped.any():
+        images = images.clone()
+        images[flipped] = images[flipped].flip(-1)
+    return images, flipped

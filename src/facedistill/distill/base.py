@@ -1,0 +1,69 @@
+"""What every distillation method plugs into.
+
+A method is an ``nn.Module`` registered by name. It receives the student's embeddings, the labels and the cached
+teacher embeddings of the same images (mirror rows for mirrored images), and returns a dict of named loss terms;
+the training loop sums them and logs each. Its parameters (a learnable head, say) are trained with the student.
+Hyper-parameters are a dataclass per method, validated like the rest of the config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from facedistill.config import from_dict
+from facedistill.registry import Registry
+
+
+@dataclass
+class MethodContext:
+    """What a method may need besides its own hyper-parameters, prepared once before training."""
+
+    num_classes: int
+    embedding_size: int
+    # Frozen, L2-normalised teacher class centres [C, d] (None for methods without a teacher).
+    centres: torch.Tensor | None = None
+    # cos(teacher embedding, its class centre) for every cached image and its mirror, [N, 2].
+    typicality: torch.Tensor | None = None
+    steps_per_epoch: int = 1
+
+
+class DistillMethod(nn.Module):
+    name: ClassVar[str]
+    needs_teacher: ClassVar[bool] = True
+    Params: ClassVar[type]
+
+    def __init__(self, params: Any, context: MethodContext) -> None:
+        super().__init__()
+        self.params = params
+        self.context = context
+
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def set_progress(self, step: int, epoch: float) -> None:
+        """Called before every step, for methods with warm-ups or moving statistics."""
+
+
+METHODS = Registry[type[DistillMethod]]("method")
+
+
+def create_method(spec: dict[str, Any], context: MethodContext) -> DistillMethod:
+    """Build a method from its config section ``{name: ..., <hyper-parameters>}``."""
+    spec = dict(spec)
+    name = spec.pop("name")
+    method_cls = METHODS.get(name)
+    params = from_dict(method_cls.Params, spec, prefix="method")
+    if method_cls.needs_teacher and context.centres is None:
+        raise ValueError(f"method '{name}' needs a teacher: set teacher.spec and teacher.cache")
+    return method_cls(params, context)
+
+
+def register_method(cls: type[DistillMethod]) -> type[DistillMethod]:
+    METHODS.register(cls.name)(cls)
+    return cls

@@ -1,0 +1,111 @@
+"""MarginDistillation (Svitov & Alyamkin, arXiv 2003.02586; official code: david-svitov/margindistillation).
+
+The student is trained with an ArcFace loss against the teacher's class centres W, L2-normalised and frozen, with
+a margin per sample set by how typical the image is for its class in the teacher's eyes::
+
+    c_i = cos(t_i, W_{y_i})                           t_i: teacher embedding of image i
+    m_i = (m_max - m_min) * c_i / max_j c_j + m_min   m_min = 0.2, m_max = 0.5
+    loss = CE(s * [cos(theta_i + m_i), cos(theta_ij)_{j != y_i}])   s = 64
+
+The official code takes ``max_j`` over the current batch on one GPU and does nothing else. Options that fix its
+weaknesses (``official`` reproduces the reference exactly: ``clamp=False, normaliser="batch", guard=False``):
+
+- ``clamp``: clip ``c_i / max_j c_j`` to [0, 1], so ``m_i`` stays in [m_min, m_max]; without it a negative
+  ``c_i`` (an image the teacher places nearer another class) gives a margin below ``m_min``, even negative.
+- ``guard``: when the normaliser is <= 0 (every c_i in the batch negative or zero), use ``m_min`` for every
+  sample instead of dividing by a non-positive number (the reference's margins then flip sign or become inf/NaN).
+- ``normaliser="dataset"``: ``max_j`` over every cached image and mirror of the training set, computed once from
+  the teacher cache, so the margin of an image no longer depends on batch size, batch composition or GPU count.
+- mirrored images get the teacher embedding of the mirror image (``teacher.mirror_rows`` in the training loop),
+  which lets the student train with flip augmentation; the reference cannot, as it stores one embedding per image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from facedistill.distill.base import DistillMethod, MethodContext, register_method
+from facedistill.heads import MarginHead
+
+
+@dataclass
+class MarginDistillationParams:
+    scale: float = 64.0
+    m_min: float = 0.2
+    m_max: float = 0.5
+    normaliser: Literal["batch", "dataset"] = "dataset"
+    clamp: bool = True
+    guard: bool = True
+
+
+def per_sample_margins(
+    typicality: torch.Tensor,
+    m_min: float,
+    m_max: float,
+    normaliser: torch.Tensor | float | None = None,
+    clamp: bool = True,
+    guard: bool = True,
+) -> torch.Tensor:
+    """``m_i = (m_max - m_min) * c_i / max c + m_min``; ``normaliser`` is the max (batch max when None)."""
+    typicality = typicality.float()
+    peak = typicality.max() if normaliser is None else torch.as_tensor(normaliser, dtype=torch.float32)
+    peak = peak.to(typicality.device)
+    if guard and bool(peak <= 0):
+        return torch.full_like(typicality, m_min)
+    ratio = typicality / peak
+    if clamp:
+        ratio = ratio.clamp(0.0, 1.0)
+    return (m_max - m_min) * ratio + m_min
+
+
+@register_method
+class MarginDistillation(DistillMethod):
+    name = "margin_distillation"
+    Params = MarginDistillationParams
+
+    def __init__(self, params: MarginDistillationParams, context: MethodContext) -> None:
+        super().__init__(params, context)
+        if not 0.0 <= params.m_min <= params.m_max:
+            raise ValueError(
+                f"method: need 0 <= m_min <= m_max, got m_min={params.m_min}, m_max={params.m_max}"
+            )
+        assert context.centres is not None
+        self.head = MarginHead(
+            context.num_classes,
+            context.embedding_size,
+            params.scale,
+            m2=params.m_min,
+            learnable=False,
+            centres=context.centres,
+        )
+        dataset_max = None
+        if params.normaliser == "dataset":
+            if context.typicality is None:
+                raise ValueError(
+                    "method.normaliser=dataset needs the teacher cache's typicality of every image"
+                )
+            dataset_max = context.typicality.float().max()
+        self.register_buffer("dataset_max", dataset_max, persistent=False)
+
+    def margins(self, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        centres = self.head.weight[labels]
+        typicality = (F.normalize(teacher.float(), dim=1) * centres).sum(dim=1)
+        return per_sample_margins(
+            typicality,
+            self.params.m_min,
+            self.params.m_max,
+            self.dataset_max,
+            self.params.clamp,
+            self.params.guard,
+        )
+
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        assert teacher is not None
+        margin = self.margins(teacher, labels)
+        return {"margin_arcface": F.cross_entropy(self.head(embeddings, labels, margin), labels)}

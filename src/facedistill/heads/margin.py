@@ -1,0 +1,139 @@
+"""Margin-based softmax heads: ArcFace, CosFace, SphereFace-style and their combination.
+
+Combined margin (insightface, "CombinedMarginLoss"): the true-class logit is ``s * (cos(m1 * theta + m2) - m3)``,
+every other logit ``s * cos(theta_j)``, where ``theta`` is the angle between the L2-normalised embedding and the
+L2-normalised class centre. ArcFace is (1, m, 0), CosFace (1, 0, m), SphereFace-style (m, 0, 0).
+
+``m2`` may be given per sample (MarginDistillation gives every image its own margin).
+
+Numerical safety: cosines are computed in float32 outside autocast and clamped to [-1 + eps, 1 - eps] before
+``acos``, so neither the value nor the gradient is NaN at cos = +-1.
+
+When ``m1 * theta + m2 > pi``, ``cos`` would turn back up and reward a larger angle. Beyond that boundary
+``theta_b = (pi - m2) / m1`` the target logit instead continues as ``cos(theta) - cos(theta_b) - 1 - m3``: equal
+to the margin curve at the boundary (``-1 - m3``), and monotonically decreasing in ``theta`` like it. (insightface
+uses ``cos(theta) - m sin(m)`` there, which is monotone but jumps at the boundary.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from facedistill.registry import Registry
+
+HEADS = Registry[nn.Module]("head")
+COS_EPS = 1e-6
+
+
+def margin_target_logit(
+    cos_theta: torch.Tensor, m1: float, m2: torch.Tensor | float, m3: float
+) -> torch.Tensor:
+    """Margin-adjusted cosine of the true class (unscaled); ``m2`` is a scalar or one margin per sample."""
+    m2 = torch.as_tensor(m2, dtype=cos_theta.dtype, device=cos_theta.device)
+    theta = torch.acos(cos_theta.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS))
+    angle = m1 * theta + m2
+    with_margin = torch.cos(angle) - m3
+    boundary = (math.pi - m2) / m1
+    beyond = cos_theta - torch.cos(boundary) - 1.0 - m3
+    return torch.where(angle <= math.pi, with_margin, beyond)
+
+
+class MarginHead(nn.Module):
+    """Scaled cosine classifier with a combined margin on the true class.
+
+    ``centres`` (C x d) initialises the class centres; with ``learnable=False`` they are a frozen, L2-normalised
+    buffer (MarginDistillation's teacher centres), otherwise a trainable parameter.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        scale: float = 64.0,
+        m1: float = 1.0,
+        m2: float = 0.5,
+        m3: float = 0.0,
+        learnable: bool = True,
+        centres: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if m1 < 1.0 or m2 < 0.0 or m3 < 0.0:
+            raise ValueError(f"margins must satisfy m1 >= 1, m2 >= 0, m3 >= 0; got {m1}, {m2}, {m3}")
+        self.num_classes = num_classes
+        self.embedding_size = embedding_size
+        self.scale = scale
+        self.m1, self.m2, self.m3 = m1, m2, m3
+        self.learnable = learnable
+        if centres is None:
+            if not learnable:
+                raise ValueError("frozen centres need a centres tensor (e.g. the teacher's class centres)")
+            centres = torch.randn(num_classes, embedding_size) * 0.01
+        if tuple(centres.shape) != (num_classes, embedding_size):
+            raise ValueError(
+                f"class centres have shape {tuple(centres.shape)}, expected ({num_classes}, {embedding_size}): "
+                "the number of classes must match the dataset and the dimension the student's embedding size"
+            )
+        centres = centres.detach().float().clone()
+        if learnable:
+            self.weight = nn.Parameter(centres)
+        else:
+            self.register_buffer("weight", F.normalize(centres, dim=1))
+
+    def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            return F.linear(F.normalize(embeddings.float(), dim=1), F.normalize(self.weight.float(), dim=1))
+
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, margin: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Scaled logits [B, C]; ``margin`` (shape [B]) replaces ``m2`` per sample when given."""
+        cos = self.cosine(embeddings)
+        true_cos = cos.gather(1, labels[:, None]).squeeze(1)
+        m2 = self.m2 if margin is None else margin.float()
+        target = margin_target_logit(true_cos, self.m1, m2, self.m3)
+        logits = cos.scatter(1, labels[:, None], target[:, None])
+        return logits * self.scale
+
+    def extra_repr(self) -> str:
+        return (
+            f"classes={self.num_classes}, dim={self.embedding_size}, s={self.scale}, "
+            f"m=({self.m1}, {self.m2}, {self.m3}), learnable={self.learnable}"
+        )
+
+
+@HEADS.register("arcface")
+def arcface_head(
+    num_classes: int, embedding_size: int, scale: float = 64.0, margin: float = 0.5, **kw
+) -> MarginHead:
+    return MarginHead(num_classes, embedding_size, scale, 1.0, margin, 0.0, **kw)
+
+
+@HEADS.register("cosface")
+def cosface_head(
+    num_classes: int, embedding_size: int, scale: float = 64.0, margin: float = 0.4, **kw
+) -> MarginHead:
+    return MarginHead(num_classes, embedding_size, scale, 1.0, 0.0, margin, **kw)
+
+
+@HEADS.register("sphereface")
+def sphereface_head(
+    num_classes: int, embedding_size: int, scale: float = 64.0, margin: float = 1.35, **kw
+) -> MarginHead:
+    return MarginHead(num_classes, embedding_size, scale, margin, 0.0, 0.0, **kw)
+
+
+@HEADS.register("combined")
+def combined_head(
+    num_classes: int,
+    embedding_size: int,
+    scale: float = 64.0,
+    m1: float = 1.0,
+    m2: float = 0.3,
+    m3: float = 0.2,
+    **kw,
+) -> MarginHead:
+    return MarginHead(num_classes, embedding_size, scale, m1, m2, m3, **kw)

@@ -1,0 +1,153 @@
+"""Teacher -> cache -> students -> evaluation -> table and plot, on one harness.
+
+``compare_methods`` is what ``facedistill demo`` and the CPU-protocol benchmark run: every student gets the same
+data, teacher cache, schedule and seed, and is evaluated with the same protocol as the teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from facedistill.config import Config, apply_overrides, from_dict
+from facedistill.data.datasets import open_training_set
+from facedistill.eval.metrics import VerificationResult, plot_roc
+from facedistill.eval.verify import evaluate_pairs, load_pairs_set
+from facedistill.teachers.cache import build_teacher_cache
+from facedistill.train.loop import model_profile, train
+
+
+@dataclass
+class Row:
+    name: str
+    accuracy_mean: float
+    accuracy_std: float
+    tar_at_far: dict[float, float]
+    params: int | None = None
+    macs: int | None = None
+    epochs: float | None = None
+    images_per_second: float | None = None
+    wall_seconds: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def markdown_table(rows: list[Row], test_name: str) -> str:
+    header = (
+        f"| model | {test_name} acc. (mean +- std, %) | TAR@FAR=1e-3 | params | MACs | epochs | train img/s "
+        "| wall (s) |\n|---|---|---|---|---|---|---|---|"
+    )
+    lines = [header]
+    for row in rows:
+        tar = row.tar_at_far.get(1e-3, float("nan"))
+        params = f"{row.params / 1e6:.2f} M" if row.params else "-"
+        macs = f"{row.macs / 1e9:.3f} G" if row.macs else "-"
+        lines.append(
+            f"| {row.name} | {row.accuracy_mean * 100:.2f} +- {row.accuracy_std * 100:.2f} | {tar * 100:.2f} | "
+            f"{params} | {macs} | {row.epochs if row.epochs is not None else '-'} | "
+            f"{f'{row.images_per_second:.1f}' if row.images_per_second else '-'} | "
+            f"{f'{row.wall_seconds:.0f}' if row.wall_seconds else '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def compare_methods(
+    out_dir: str | Path,
+    train_data: str | Path,
+    teacher: Any,
+    test_pairs: str | Path,
+    test_images: str | Path | None,
+    methods: dict[str, dict[str, Any]],
+    base_config: dict[str, Any],
+    progress: bool = True,
+    teacher_batch_size: int = 64,
+) -> tuple[list[Row], dict[str, Any]]:
+    """Cache the teacher on ``train_data``, evaluate it, train one student per entry of ``methods`` (name ->
+    config overrides on top of ``base_config``) and evaluate each on ``test_pairs``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dataset = open_training_set(train_data)
+    started = time.perf_counter()
+    cache = build_teacher_cache(
+        teacher,
+        dataset,
+        out_dir / "teacher_cache",
+        batch_size=teacher_batch_size,
+        num_workers=base_config.get("data", {}).get("num_workers", 2),
+        progress=progress,
+    )
+    cache_seconds = time.perf_counter() - started
+
+    test_set = load_pairs_set(test_pairs, test_images, name="test")
+    teacher_result, _ = evaluate_pairs(teacher.embed, test_set, progress=progress)
+    results: dict[str, VerificationResult] = {"teacher": teacher_result}
+    rows = [
+        Row(
+            "teacher",
+            teacher_result.accuracy_mean,
+            teacher_result.accuracy_std,
+            teacher_result.tar_at_far,
+            extra={"teacher_id": teacher.teacher_id},
+        )
+    ]
+    report: dict[str, Any] = {
+        "teacher": {
+            "id": teacher.teacher_id,
+            "test": teacher_result.to_dict(),
+            "cache_seconds": cache_seconds,
+            "cache_images_per_second": 2 * len(dataset) / max(cache_seconds, 1e-9),
+        },
+        "students": {},
+    }
+    for name, overrides in methods.items():
+        data = json.loads(json.dumps(base_config))
+        data = _merge(data, overrides)
+        data.setdefault("run", {})["output_dir"] = str(out_dir / name)
+        data.setdefault("data", {})["train"] = str(train_data)
+        data.setdefault("teacher", {})["cache"] = str(out_dir / "teacher_cache")
+        data.setdefault("eval", {})["tests"] = [
+            {
+                "name": "test",
+                "pairs": str(test_pairs),
+                **({"images": str(test_images)} if test_images else {}),
+            }
+        ]
+        config = from_dict(Config, data)
+        summary = train(config, progress=progress)
+        test = summary.tests["test"]
+        result = VerificationResult.from_dict(test)
+        results[name] = result
+        profile = model_profile(config)
+        rows.append(
+            Row(
+                name,
+                result.accuracy_mean,
+                result.accuracy_std,
+                result.tar_at_far,
+                profile["params"],
+                profile["macs"],
+                round(summary.epochs, 2),
+                summary.images_per_second,
+                summary.wall_seconds,
+            )
+        )
+        report["students"][name] = {**summary.to_dict(), "model": profile, "config": config.to_dict()}
+    plot_roc(results, out_dir / "roc_all.png", "Teacher and students")
+    table = markdown_table(rows, "test")
+    (out_dir / "results.md").write_text(table + "\n")
+    (out_dir / "results.json").write_text(json.dumps(report, indent=2, default=str))
+    return rows, report
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "method":
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+__all__ = ["Row", "apply_overrides", "compare_methods", "markdown_table"]

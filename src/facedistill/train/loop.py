@@ -1,0 +1,417 @@
+"""The one training loop: every method (ArcFace or any distillation) runs through ``train``.
+
+Read it top to bottom: set up the run directory, data, teacher cache and centres, student, method, optimiser;
+then iterate steps (flip, cached teacher rows, forward, method losses, backward, schedule); validate on a
+declared validation set, checkpoint atomically, and at the end evaluate the reported model on the test sets and
+export it to ONNX.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from facedistill.config import Config, save_config
+from facedistill.data.datasets import FaceDataset, collate_faces, open_training_set
+from facedistill.data.images import normalise, random_horizontal_flip
+from facedistill.distill import METHODS, MethodContext, create_method
+from facedistill.models import create_model
+from facedistill.teachers.cache import TeacherCache, class_centres
+from facedistill.train.checkpoint import load_checkpoint, save_checkpoint
+from facedistill.train.logging import RunLogger
+from facedistill.train.optim import build_optimizer, build_scheduler
+
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    steps: int
+    epochs: float
+    wall_seconds: float
+    train_seconds: float
+    images_per_second: float
+    selected: str
+    validation: dict[str, float] = field(default_factory=dict)
+    tests: dict[str, Any] = field(default_factory=dict)
+    skipped_images: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir),
+            "steps": self.steps,
+            "epochs": self.epochs,
+            "wall_seconds": self.wall_seconds,
+            "train_seconds": self.train_seconds,
+            "images_per_second": self.images_per_second,
+            "selected": self.selected,
+            "validation": self.validation,
+            "tests": self.tests,
+            "skipped_images": self.skipped_images,
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """``auto``: bf16 where the hardware runs it natively (Ampere+ GPUs; CPUs with AVX-512 bf16 / AMX), else fp16
+    on GPUs and fp32 on CPUs."""
+    if amp == "none":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else None
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def check_output_dir(run_dir: Path) -> None:
+    """Fail before training, not after hours, when the run directory cannot be written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_probe"
+        probe.write_bytes(b"\0" * 1024)
+        probe.unlink()
+    except OSError as error:
+        raise OSError(f"cannot write to the run directory {run_dir}: {error.strerror or error}") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    """Per-step randomness derived from (seed, step), so a resumed run draws exactly what it would have."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def prepare_method_context(
+    config: Config, dataset: FaceDataset, steps_per_epoch: int
+) -> tuple[MethodContext, TeacherCache | None, dict[str, Any]]:
+    """Load and check the teacher cache and centres for methods that need them."""
+    method_cls = METHODS.get(config.method["name"])
+    context = MethodContext(dataset.num_classes, config.model.embedding_size, steps_per_epoch=steps_per_epoch)
+    if not method_cls.needs_teacher:
+        return context, None, {}
+    if not config.teacher.cache:
+        raise ValueError(
+            f"method '{method_cls.name}' reads the teacher's embeddings from a cache: set teacher.cache "
+            "(build it with `facedistill cache-teacher`)"
+        )
+    cache = TeacherCache(config.teacher.cache)
+    teacher_id = None
+    if config.teacher.spec:
+        from facedistill.teachers import create_teacher
+
+        teacher_id = create_teacher(config.teacher.spec).teacher_id
+    cache.check(dataset, teacher_id)
+    if cache.embedding_size != config.model.embedding_size:
+        raise ValueError(
+            f"the teacher's embeddings are {cache.embedding_size}-d but the student's are "
+            f"{config.model.embedding_size}-d; set model.embedding_size={cache.embedding_size} (the student uses "
+            "the teacher's class centres, so the sizes must match)"
+        )
+    centres, source = class_centres(cache, dataset.labels, dataset.num_classes, config.teacher.centres)
+    context.centres = centres
+    context.typicality = cache.typicality(centres, dataset.labels)
+    info = {
+        "teacher_id": cache.teacher_id,
+        "centres": source,
+        "typicality_max": float(context.typicality.max()),
+    }
+    return context, cache, info
+
+
+def train(
+    config: Config, resume: bool = False, progress: bool = True, stop_after: int | None = None
+) -> RunSummary:
+    """Run (or with ``resume`` continue) a training run; ``stop_after`` ends it early at that step, after writing a
+    checkpoint, without changing the schedule (how tests and benchmarks simulate an interruption)."""
+    started = time.perf_counter()
+    run_dir = Path(config.run.output_dir)
+    check_output_dir(run_dir)
+    save_config(config, run_dir / "config.yaml")
+    device = resolve_device(config.run.device)
+    amp_dtype = resolve_amp(config.train.amp, device)
+    seed_everything(config.run.seed)
+
+    # Data, teacher cache and the method's context.
+    dataset = open_training_set(config.data.train, config.data.skip_bad_images)
+    batch_size = config.data.batch_size
+    steps_per_epoch = len(dataset) // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{config.data.train}: {len(dataset)} images are fewer than one batch of {batch_size}"
+        )
+    total_steps = config.train.max_steps or math.ceil(config.train.epochs * steps_per_epoch)
+    context, cache, teacher_info = prepare_method_context(config, dataset, steps_per_epoch)
+    val_set = None
+    if config.data.val_pairs:
+        from facedistill.eval.verify import load_pairs_set
+
+        val_set = load_pairs_set(config.data.val_pairs, config.data.val_images, name="val")
+
+    # Student, method (with its head), optimiser, schedule, mixed precision.
+    model = create_model(config.model.name, embedding_size=config.model.embedding_size).to(device)
+    memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    method = create_method(config.method, context).to(device)
+    optimizer = build_optimizer([model, method], config.optim)
+    scheduler = build_scheduler(optimizer, total_steps, steps_per_epoch, config.schedule)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    forward = torch.compile(model) if config.train.compile else model
+
+    step, best_val, skipped = 0, -1.0, 0
+    if resume and (run_dir / LAST).exists():
+        state = load_checkpoint(run_dir / LAST, device)
+        model.load_state_dict(state["model"])
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, best_val, skipped = state["step"], state["best_val"], state["skipped"]
+        torch.set_rng_state(state["rng"])
+
+    def checkpoint_state() -> dict[str, Any]:
+        head = getattr(method, "head", None)
+        return {
+            "model": model.state_dict(),
+            "method": method.state_dict(),
+            "head": {"weight": head.weight.detach().cpu()} if head is not None else {},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "step": step,
+            "best_val": best_val,
+            "skipped": skipped,
+            "rng": torch.get_rng_state(),
+            "config": config.to_dict(),
+        }
+
+    logger = RunLogger(run_dir)
+    validation: dict[str, float] = {}
+    val_every = max(1, int(round(config.train.val_every_epochs * steps_per_epoch)))
+    train_seconds, trained_images = 0.0, 0
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc=f"train {config.method['name']}",
+        unit="step",
+        disable=not progress,
+    )
+    model.train()
+    method.train()
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(dataset), generator=_step_generator(config.run.seed, -1 - epoch))
+        indices = order[offset * batch_size : steps_per_epoch * batch_size].tolist()
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=indices,
+            drop_last=True,
+            collate_fn=collate_faces,
+            num_workers=config.data.num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+            prefetch_factor=4 if config.data.num_workers else None,
+        )
+        tick = time.perf_counter()
+        if step == stop_after:
+            break
+        for batch in loader:
+            images, labels = batch.images, batch.labels
+            mirrored = None
+            if config.data.flip:
+                images, mirrored = random_horizontal_flip(images, _step_generator(config.run.seed, step))
+            teacher = None
+            if cache is not None:
+                rows = mirrored if config.teacher.mirror_rows else None
+                teacher = cache.rows(batch.indices, rows).to(device, non_blocking=True)
+            images = normalise(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+            labels = labels.to(device, non_blocking=True)
+
+            method.set_progress(step, step / steps_per_epoch)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                embeddings = forward(images)
+            terms = method(embeddings.float(), labels, teacher)
+            loss = sum(terms.values())
+            if not torch.isfinite(loss):
+                scaler_note = f" (fp16 loss scale {scaler.get_scale():.1f})" if scaler.is_enabled() else ""
+                raise TrainingDivergedError(
+                    f"loss is {loss.item()} at step {step}{scaler_note}; the last good checkpoint is "
+                    f"{run_dir / LAST}. Lower optim.lr or raise schedule.warmup_epochs, then --resume"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.train.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for group in optimizer.param_groups for p in group["params"]], config.train.grad_clip
+                )
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            skipped += batch.skipped
+
+            now = time.perf_counter()
+            train_seconds += now - tick
+            trained_images += len(labels)
+            tick = now
+            speed = trained_images / max(train_seconds, 1e-9)
+            bar.update(1)
+            if step % config.train.log_every == 0 or step == total_steps:
+                values = {name: float(term.detach()) for name, term in terms.items()}
+                values.update(
+                    loss=float(loss.detach()),
+                    lr=optimizer.param_groups[0]["lr"],
+                    images_per_second=speed,
+                    epoch=step / steps_per_epoch,
+                )
+                logger.log("train", step, values)
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", img_s=f"{speed:.0f}")
+            if val_set is not None and (step % val_every == 0 or step == total_steps):
+                from facedistill.eval.verify import evaluate_pairs, student_embedder
+
+                model.eval()
+                result, _ = evaluate_pairs(
+                    student_embedder(model, device, config.train.amp),
+                    val_set,
+                    config.eval.flip,
+                    config.eval.batch_size,
+                    config.data.num_workers,
+                    False,
+                )
+                model.train()
+                validation = {"accuracy": result.accuracy_mean, "std": result.accuracy_std, "step": step}
+                logger.log("val", step, {"accuracy": result.accuracy_mean, "std": result.accuracy_std})
+                if result.accuracy_mean > best_val:
+                    best_val = result.accuracy_mean
+                    if config.train.select == "best_val":
+                        save_checkpoint(checkpoint_state(), run_dir / BEST)
+            if step % config.train.checkpoint_every == 0 or step in (total_steps, stop_after):
+                save_checkpoint(checkpoint_state(), run_dir / LAST)
+            if step >= total_steps or step == stop_after:
+                break
+            tick = time.perf_counter()
+    bar.close()
+    logger.close()
+    if stop_after is not None and step < total_steps:
+        return RunSummary(
+            run_dir,
+            step,
+            step / steps_per_epoch,
+            time.perf_counter() - started,
+            train_seconds,
+            trained_images / max(train_seconds, 1e-9),
+            LAST,
+            validation,
+            {},
+            skipped,
+        )
+    if skipped:
+        print(f"warning: {skipped} unreadable training images were skipped (data.skip_bad_images=true)")
+
+    selected = LAST
+    if config.train.select == "best_val":
+        if val_set is None:
+            raise ValueError(
+                "train.select=best_val needs data.val_pairs (a validation set, never a test set)"
+            )
+        selected = BEST
+        model.load_state_dict(load_checkpoint(run_dir / BEST, device)["model"])
+    model.eval()
+    tests = evaluate_tests(config, model, device, run_dir, progress)
+    if config.train.export_onnx:
+        from facedistill.export.onnx import export_onnx
+
+        export_onnx(
+            model,
+            run_dir / "model.onnx",
+            metadata={"facedistill.model": config.model.name, "facedistill.method": config.method["name"]},
+        )
+    summary = RunSummary(
+        run_dir=run_dir,
+        steps=step,
+        epochs=step / steps_per_epoch,
+        wall_seconds=time.perf_counter() - started,
+        train_seconds=train_seconds,
+        images_per_second=trained_images / max(train_seconds, 1e-9),
+        selected=selected,
+        validation=validation,
+        tests=tests,
+        skipped_images=skipped,
+    )
+    payload = {**summary.to_dict(), **teacher_info, "model": model_profile(config)}
+    (run_dir / "results.json").write_text(json.dumps(payload, indent=2))
+    return summary
+
+
+def model_profile(config: Config) -> dict[str, Any]:
+    from facedistill.models.complexity import count_macs, count_parameters
+
+    model = create_model(config.model.name, embedding_size=config.model.embedding_size)
+    return {
+        "name": config.model.name,
+        "embedding_size": config.model.embedding_size,
+        "params": count_parameters(model),
+        "macs": count_macs(model),
+    }
+
+
+def evaluate_tests(
+    config: Config, model: torch.nn.Module, device: torch.device, run_dir: Path, progress: bool
+) -> dict[str, Any]:
+    """Evaluate the reported model once on each declared test set; ROC curves go to ``roc_<name>.png``."""
+    from facedistill.eval.metrics import plot_roc
+    from facedistill.eval.verify import evaluate_pairs, load_pairs_set, student_embedder
+
+    results: dict[str, Any] = {}
+    embedder = student_embedder(model, device, config.train.amp)
+    for test in config.eval.tests:
+        pairs_set = load_pairs_set(test["pairs"], test.get("images"), test.get("name"))
+        result, scores = evaluate_pairs(
+            embedder, pairs_set, config.eval.flip, config.eval.batch_size, config.data.num_workers, progress
+        )
+        results[pairs_set.name] = result.to_dict()
+        np.save(run_dir / f"scores_{pairs_set.name}.npy", scores)
+        plot_roc(
+            {config.method["name"]: result},
+            run_dir / f"roc_{pairs_set.name}.png",
+            f"{pairs_set.name}: {config.model.name} ({config.method['name']})",
+        )
+        print(f"{pairs_set.name}: {result.summary()}")
+    return results

@@ -1,0 +1,135 @@
+import json
+
+import pytest
+import torch
+
+from facedistill.config import load_config
+from facedistill.data.datasets import ImageFolderDataset
+from facedistill.teachers.cache import build_teacher_cache
+from facedistill.train.checkpoint import load_checkpoint
+from facedistill.train.loop import train
+from tests.helpers import ProjectionTeacher, make_face_folders
+
+
+def _config(tmp_path, train_dir, pairs, name, *extra):
+    return load_config(
+        None,
+        [
+            f"data.train={train_dir}",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            "model.embedding_size=16",
+            f"run.output_dir={tmp_path / name}",
+            "train.log_every=1",
+            "train.amp=none",
+            "train.channels_last=false",
+            "schedule.warmup_epochs=0",
+            "optim.lr=0.05",
+            f"eval.tests=[{{name: syn, pairs: {pairs}}}]",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faces")
+    return make_face_folders(root, identities=4, images=6, test_identities=4)
+
+
+def test_arcface_run_writes_everything_a_user_expects(tmp_path, faces) -> None:
+    train_dir, pairs = faces
+    summary = train(
+        _config(tmp_path, train_dir, pairs, "arc", "train.epochs=2", f"data.val_pairs={pairs}"),
+        progress=False,
+    )
+    run = tmp_path / "arc"
+    for name in [
+        "config.yaml",
+        "last.pt",
+        "model.onnx",
+        "results.json",
+        "train.csv",
+        "val.csv",
+        "roc_syn.png",
+    ]:
+        assert (run / name).exists(), name
+    assert list((run / "tensorboard").iterdir())
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 6 and results["model"]["params"] > 0
+    assert 0.0 <= summary.tests["syn"]["accuracy_mean"] <= 1.0
+    assert summary.images_per_second > 0
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, faces) -> None:
+    train_dir, pairs = faces
+    uninterrupted = _config(tmp_path, train_dir, pairs, "full", "train.epochs=3", "train.export_onnx=false")
+    train(uninterrupted, progress=False)
+    interrupted = _config(
+        tmp_path,
+        train_dir,
+        pairs,
+        "resumed",
+        "train.epochs=3",
+        "train.export_onnx=false",
+    )
+    train(interrupted, progress=False, stop_after=4)  # as a crash right after a checkpoint would
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["step"] == 4
+    summary = train(interrupted, resume=True, progress=False)
+    assert summary.steps == 9
+    full = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
+    resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")["model"]
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+
+
+def test_margin_distillation_loss_falls(tmp_path, faces) -> None:
+    train_dir, pairs = faces
+    dataset = ImageFolderDataset(train_dir)
+    build_teacher_cache(ProjectionTeacher(), dataset, tmp_path / "cache", num_workers=0, progress=False)
+    config = _config(
+        tmp_path,
+        train_dir,
+        pairs,
+        "md",
+        "train.epochs=8",
+        "method.name=margin_distillation",
+        "method.scale=16.0",
+        f"teacher.cache={tmp_path / 'cache'}",
+        "train.export_onnx=false",
+    )
+    train(config, progress=False)
+    rows = (tmp_path / "md" / "train.csv").read_text().splitlines()[1:]
+    losses = [float(row.split(",")[2]) for row in rows]
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+    results = json.loads((tmp_path / "md" / "results.json").read_text())
+    assert results["centres"] == "mean" and results["teacher_id"] == "projection-16-0"
+
+
+def test_teacher_and_student_sizes_must_match(tmp_path, faces) -> None:
+    train_dir, pairs = faces
+    build_teacher_cache(
+        ProjectionTeacher(embedding_size=32),
+        ImageFolderDataset(train_dir),
+        tmp_path / "cache",
+        num_workers=0,
+        progress=False,
+    )
+    config = _config(
+        tmp_path,
+        train_dir,
+        pairs,
+        "bad",
+        "method.name=margin_distillation",
+        f"teacher.cache={tmp_path / 'cache'}",
+    )
+    with pytest.raises(ValueError, match="set model.embedding_size=32"):
+        train(config, progress=False)
+
+
+def test_unwritable_output_directory_fails_before_training(tmp_path, faces) -> None:
+    train_dir, pairs = faces
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match="cannot write to the run directory"):
+        train(_config(tmp_path, train_dir, pairs, "file/run"), progress=False)
