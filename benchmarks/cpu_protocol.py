@@ -63,9 +63,7 @@ def step_throughput_ratio(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=SHARED / "celeba299")
     parser.add_argument("--pairs", type=Path, default=SHARED / "lfw_pairs.txt")
     parser.add_argument("--images", type=Path, default=SHARED / "lfw")

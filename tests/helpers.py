@@ -14,9 +14,7 @@ from facedistill.teachers.base import Preprocessing, Teacher
 class ProjectionTeacher(Teacher):
     """A fixed random projection of downsampled pixels: deterministic, cheap, and sensitive to mirroring."""
 
-    def __init__(
-        self, embedding_size: int = 16, seed: int = 0, fail_after_batches: int | None = None
-    ) -> None:
+    def __init__(self, embedding_size: int = 16, seed: int = 0, fail_after_batches: int | None = None) -> None:
         generator = torch.Generator().manual_seed(seed)
         self.projection = torch.randn(3 * 8 * 8, embedding_size, generator=generator)
         self.embedding_size = embedding_size
@@ -36,9 +34,7 @@ class ProjectionTeacher(Teacher):
         return None
 
 
-def make_face_folders(
-    root: Path, identities: int = 6, images: int = 6, test_identities: int = 6
-) -> tuple[Path, Path]:
+def make_face_folders(root: Path, identities: int = 6, images: int = 6, test_identities: int = 6) -> tuple[Path, Path]:
     train = write_identity_folders(root / "train", identities, images)
     test = write_identity_folders(root / "test", test_identities, 4, first_identity=1000)
     pairs = write_pairs_tsv(test, root / "pairs.tsv", pairs_per_fold=3)

@@ -28,9 +28,7 @@ def _fail(error: Exception) -> None:
 
 @app.command()
 def train(
-    config: Annotated[
-        Path | None, typer.Argument(help="YAML config; defaults apply to what it leaves out.")
-    ] = None,
+    config: Annotated[Path | None, typer.Argument(help="YAML config; defaults apply to what it leaves out.")] = None,
     overrides: SetOption = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run directory's last checkpoint.")] = False,
 ) -> None:
@@ -98,9 +96,7 @@ def evaluate(
     pairs: Annotated[Path, typer.Option(help="LFW pairs.txt, a .bin pack or a pairs TSV.")],
     model: Annotated[Path | None, typer.Argument(help="facedistill checkpoint (.pt).")] = None,
     images: Annotated[Path | None, typer.Option(help="Image root for pairs.txt/TSV.")] = None,
-    teacher: Annotated[
-        str | None, typer.Option(help="Evaluate a teacher instead (sface, .onnx, .pth).")
-    ] = None,
+    teacher: Annotated[str | None, typer.Option(help="Evaluate a teacher instead (sface, .onnx, .pth).")] = None,
     out: Annotated[Path | None, typer.Option(help="Write results JSON and ROC plot here.")] = None,
     flip: bool = True,
     batch_size: int = 256,
@@ -159,8 +155,7 @@ def export(
     except (ValueError, FileNotFoundError, OSError) as error:
         _fail(error)
     typer.echo(
-        f"wrote {report.path} (opset {report.opset}); onnxruntime vs PyTorch max abs diff "
-        f"{report.max_abs_diff:.2e}"
+        f"wrote {report.path} (opset {report.opset}); onnxruntime vs PyTorch max abs diff {report.max_abs_diff:.2e}"
     )
 
 
@@ -185,12 +180,8 @@ def info(
 @app.command()
 def pack(
     source: Annotated[Path, typer.Argument(help="Identity folders to pack (root/<identity>/<image>).")],
-    out: Annotated[
-        Path, typer.Argument(help="Output directory for train.rec/.idx/property, or a .bin file.")
-    ],
-    pairs: Annotated[
-        Path | None, typer.Option(help="Pack these pairs (LFW/TSV) into a .bin instead.")
-    ] = None,
+    out: Annotated[Path, typer.Argument(help="Output directory for train.rec/.idx/property, or a .bin file.")],
+    pairs: Annotated[Path | None, typer.Option(help="Pack these pairs (LFW/TSV) into a .bin instead.")] = None,
 ) -> None:
     """Folder -> insightface RecordIO (train.rec/.idx/property), or pairs -> .bin verification pack."""
     from facedistill.data.datasets import ImageFolderDataset
@@ -205,9 +196,7 @@ def pack(
             typer.echo(f"wrote {out}")
             return
         folder = ImageFolderDataset(source)
-        samples = [
-            (folder.root / rel, int(label)) for rel, label in zip(folder.relative_paths, folder.labels)
-        ]
+        samples = [(folder.root / rel, int(label)) for rel, label in zip(folder.relative_paths, folder.labels)]
         pack_folder_to_recordio(samples, out)
     except (ValueError, FileNotFoundError, OSError) as error:
         _fail(error)
@@ -216,16 +205,12 @@ def pack(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo writes everything.")] = Path(
-        "runs/demo"
-    ),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo writes everything.")] = Path("runs/demo"),
     data: Annotated[Path | None, typer.Option(help="Real training faces (identity folders).")] = None,
     pairs: Annotated[Path | None, typer.Option(help="Real test pairs (LFW pairs.txt).")] = None,
     images: Annotated[Path | None, typer.Option(help="Image root of --pairs.")] = None,
     teacher: Annotated[str | None, typer.Option(help="Teacher for real data, e.g. sface.")] = None,
-    epochs: Annotated[
-        float | None, typer.Option(help="Student epochs (default: 6 synthetic, 12 real).")
-    ] = None,
+    epochs: Annotated[float | None, typer.Option(help="Student epochs (default: 4 generated, 6 real).")] = None,
 ) -> None:
     """The whole pipeline: teacher, cache, ArcFace and MarginDistillation students, evaluation, table, plot."""
     from facedistill.demo import run_demo

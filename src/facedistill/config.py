@@ -201,12 +201,9 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
     fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - fields)
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(fields))}"
-        )
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(fields))}")
     values = {
-        name: coerce(value, hints[name], f"{prefix + '.' if prefix else ''}{name}")
-        for name, value in data.items()
+        name: coerce(value, hints[name], f"{prefix + '.' if prefix else ''}{name}") for name, value in data.items()
     }
     return cls(**values)
 

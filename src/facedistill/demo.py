@@ -8,6 +8,7 @@ the same pipeline on real faces.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,19 @@ from facedistill.config import Config, from_dict
 from facedistill.data.synthetic import write_identity_folders, write_pairs_tsv
 from facedistill.pipeline import compare_methods, markdown_table
 
-SYNTHETIC = {"train_identities": 40, "images_per_identity": 12, "test_identities": 30, "test_images": 6}
+
+@dataclass(frozen=True)
+class SyntheticSetup:
+    """Sizes of the generated demo; the defaults finish in a few minutes on 2 CPU cores."""
+
+    train_identities: int = 32
+    images_per_identity: int = 10
+    test_identities: int = 24
+    test_images: int = 6
+    pairs_per_fold: int = 20
+    batch_size: int = 32
+    teacher_epochs: float = 10.0
+    student_epochs: float = 4.0
 
 
 def student_recipe(epochs: float, batch_size: int, embedding_size: int) -> dict[str, Any]:
@@ -39,26 +52,24 @@ def student_recipe(epochs: float, batch_size: int, embedding_size: int) -> dict[
 def student_methods(scale: float) -> dict[str, dict[str, Any]]:
     return {
         "arcface": {"method": {"name": "arcface", "scale": scale, "margin": 0.5}},
-        "margin_distillation": {
-            "method": {"name": "margin_distillation", "scale": scale, "m_min": 0.2, "m_max": 0.5}
-        },
+        "margin_distillation": {"method": {"name": "margin_distillation", "scale": scale, "m_min": 0.2, "m_max": 0.5}},
     }
 
 
-def _synthetic_teacher(out: Path, train_dir: Path, epochs: float) -> str:
-    """Train the demo's teacher with the same loop (ArcFace, longer than the students) and return its checkpoint."""
+def _synthetic_teacher(out: Path, train_dir: Path, setup: SyntheticSetup, progress: bool) -> str:
+    """Train the demo's teacher with the same loop (ArcFace, longer than the students); return its checkpoint."""
     from facedistill.train.loop import train
 
-    recipe = student_recipe(epochs, 32, 128)
+    recipe = student_recipe(setup.teacher_epochs, setup.batch_size, 128)
     recipe.update(
         run={"seed": 1, "output_dir": str(out / "teacher")},
-        data={"train": str(train_dir), "batch_size": 32, "num_workers": 1},
+        data={"train": str(train_dir), "batch_size": setup.batch_size, "num_workers": 1},
         method={"name": "arcface", "scale": 32.0, "margin": 0.3},
     )
     recipe["train"]["export_onnx"] = False
     teacher_run = out / "teacher"
-    if not (teacher_run / "last.pt").exists() or not (teacher_run / "results.json").exists():
-        train(from_dict(Config, recipe))
+    if not (teacher_run / "results.json").exists():
+        train(from_dict(Config, recipe), progress=progress)
     return str(teacher_run / "last.pt")
 
 
@@ -69,37 +80,34 @@ def run_demo(
     images: Path | None = None,
     teacher: str | None = None,
     epochs: float | None = None,
+    setup: SyntheticSetup | None = None,
+    progress: bool = True,
 ) -> str:
+    """Run the pipeline on generated faces (no ``data``) or on real ones; return the results table."""
     from facedistill.teachers import create_teacher
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if data is None:
         if pairs is not None or teacher is not None:
-            raise ValueError(
-                "--pairs/--teacher go with --data (real faces); without --data the demo generates all"
-            )
-        train_dir = out / "data" / "train"
-        test_dir = out / "data" / "test"
+            raise ValueError("--pairs/--teacher go with --data (real faces); without --data the demo generates all")
+        setup = setup or SyntheticSetup()
+        train_dir, test_dir = out / "data" / "train", out / "data" / "test"
         if not train_dir.exists():
-            write_identity_folders(train_dir, SYNTHETIC["train_identities"], SYNTHETIC["images_per_identity"])
-            write_identity_folders(
-                test_dir, SYNTHETIC["test_identities"], SYNTHETIC["test_images"], first_identity=10_000
-            )
-        pairs = write_pairs_tsv(test_dir, out / "data" / "test_pairs.tsv", pairs_per_fold=20)
-        teacher = _synthetic_teacher(out, train_dir, epochs=12.0)
+            write_identity_folders(train_dir, setup.train_identities, setup.images_per_identity)
+            write_identity_folders(test_dir, setup.test_identities, setup.test_images, first_identity=10_000)
+        pairs = write_pairs_tsv(test_dir, out / "data" / "test_pairs.tsv", pairs_per_fold=setup.pairs_per_fold)
+        teacher = _synthetic_teacher(out, train_dir, setup, progress)
         data, images = train_dir, None
-        recipe, scale = student_recipe(epochs or 6.0, 32, 128), 32.0
+        recipe = student_recipe(epochs or setup.student_epochs, setup.batch_size, 128)
     else:
         if pairs is None or teacher is None:
             raise ValueError("with --data also give --pairs (and --images for LFW pairs.txt) and --teacher")
-        teacher_model = create_teacher(teacher)
-        recipe = student_recipe(epochs or 12.0, 128, teacher_model.embedding_size)
-        scale = 32.0
+        recipe = student_recipe(epochs or 6.0, 128, 128)
     teacher_model = create_teacher(teacher)
     recipe["model"]["embedding_size"] = teacher_model.embedding_size
     rows, _ = compare_methods(
-        out / "compare", data, teacher_model, pairs, images, student_methods(scale), recipe
+        out / "compare", data, teacher_model, pairs, images, student_methods(32.0), recipe, progress=progress
     )
     table = markdown_table(rows, "test")
     print("\n" + table)

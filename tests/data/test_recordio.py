@@ -31,9 +31,7 @@ M = struct.pack("<I", 0xCED7230A)
 
 def frame(cflag: int, payload: bytes) -> bytes:
     """A frame built by hand from the dmlc description, independent of the module under test."""
-    return (
-        struct.pack("<II", 0xCED7230A, (cflag << 29) | len(payload)) + payload + b"\0" * (-len(payload) % 4)
-    )
+    return struct.pack("<II", 0xCED7230A, (cflag << 29) | len(payload)) + payload + b"\0" * (-len(payload) % 4)
 
 
 def make_images(root: Path, counts: tuple[int, ...] = (2, 3, 4)) -> list[tuple[Path, int]]:
@@ -275,10 +273,7 @@ def test_pack_validates_samples(tmp_path: Path) -> None:
 
 
 def _offsets(rec: Path) -> dict[int, int]:
-    return {
-        int(k): int(v)
-        for k, v in (line.split("\t") for line in rec.with_suffix(".idx").read_text().splitlines())
-    }
+    return {int(k): int(v) for k, v in (line.split("\t") for line in rec.with_suffix(".idx").read_text().splitlines())}
 
 
 def test_truncated_rec(packed: tuple[Path, list[tuple[Path, int]]]) -> None:
@@ -382,9 +377,7 @@ def test_label_scan_handles_multipart_images_and_rejects_bad_labels(tmp_path: Pa
     with RecordIOWriter(rec) as w:
         w.write(0, pack_record(IRHeader(2, (4.0, 6.0), 0), b""))
         for key, (label, img) in enumerate(zip((0, 0, 1), images, strict=True), start=1):
-            w.write(
-                key, pack_record(IRHeader(0, (float(label), 1.0) if key == 3 else float(label), key), img)
-            )
+            w.write(key, pack_record(IRHeader(0, (float(label), 1.0) if key == 3 else float(label), key), img))
     assert _offsets(rec)[2] - _offsets(rec)[1] == 2 * 8 + 24 + 4  # two frames for key 1
     with open_face_record(rec, progress=False) as ds:
         assert ds.labels.tolist() == [0, 0, 1]
@@ -394,9 +387,7 @@ def test_label_scan_handles_multipart_images_and_rejects_bad_labels(tmp_path: Pa
         with RecordIOWriter(rec) as w:
             w.write(0, pack_record(IRHeader(0, 0.0, 0), b"a"))
             w.write(1, pack_record(IRHeader(0, bad, 1), b"b"))
-        with pytest.raises(
-            RecordIOError, match=r"train.rec: key 1: image label .* is not a non-negative integer"
-        ):
+        with pytest.raises(RecordIOError, match=r"train.rec: key 1: image label .* is not a non-negative integer"):
             open_face_record(rec, progress=False)
 
 

@@ -30,9 +30,7 @@ def test_scale_multiplies_every_logit() -> None:
 def test_cosface_and_sphereface_margins() -> None:
     cos = torch.tensor([0.6])
     assert margin_target_logit(cos, 1.0, 0.0, 0.35).item() == pytest.approx(0.25, abs=1e-6)
-    assert margin_target_logit(cos, 1.5, 0.0, 0.0).item() == pytest.approx(
-        math.cos(1.5 * math.acos(0.6)), abs=1e-5
-    )
+    assert margin_target_logit(cos, 1.5, 0.0, 0.0).item() == pytest.approx(math.cos(1.5 * math.acos(0.6)), abs=1e-5)
     combined = margin_target_logit(cos, 1.2, 0.3, 0.1).item()
     assert combined == pytest.approx(math.cos(1.2 * math.acos(0.6) + 0.3) - 0.1, abs=1e-5)
 
@@ -57,9 +55,7 @@ def test_cos_plus_minus_one_gives_finite_values_and_gradients(direction: float) 
 
 
 def test_at_cos_one_the_logit_is_cos_m() -> None:
-    assert margin_target_logit(torch.tensor([1.0]), 1.0, 0.5, 0.0).item() == pytest.approx(
-        math.cos(0.5), abs=1e-3
-    )
+    assert margin_target_logit(torch.tensor([1.0]), 1.0, 0.5, 0.0).item() == pytest.approx(math.cos(0.5), abs=1e-3)
 
 
 def test_beyond_pi_the_target_continues_monotonically_and_continuously() -> None:

@@ -18,9 +18,7 @@ def dataset(tmp_path):
 
 def test_cache_holds_image_and_mirror_embeddings(tmp_path, dataset) -> None:
     teacher = ProjectionTeacher()
-    cache = build_teacher_cache(
-        teacher, dataset, tmp_path / "cache", batch_size=6, num_workers=0, progress=False
-    )
+    cache = build_teacher_cache(teacher, dataset, tmp_path / "cache", batch_size=6, num_workers=0, progress=False)
     image, _, _ = dataset[7]
     expected = teacher.embed(image[None])[0]
     expected_mirror = teacher.embed(image.flip(-1)[None])[0]
@@ -64,9 +62,7 @@ def test_stale_cache_is_refused(tmp_path, dataset) -> None:
     with pytest.raises(StaleCacheError, match="holds embeddings of teacher 'projection-16-0', not 'other'"):
         cache.check(dataset, "other")
     with pytest.raises(StaleCacheError, match="pass --overwrite"):
-        build_teacher_cache(
-            ProjectionTeacher(seed=1), dataset, tmp_path / "cache", num_workers=0, progress=False
-        )
+        build_teacher_cache(ProjectionTeacher(seed=1), dataset, tmp_path / "cache", num_workers=0, progress=False)
     extra = dataset.root / "id_00000" / "999.jpg"
     extra.write_bytes((dataset.root / dataset.relative_paths[0]).read_bytes())
     with pytest.raises(StaleCacheError, match="another dataset"):
@@ -74,9 +70,7 @@ def test_stale_cache_is_refused(tmp_path, dataset) -> None:
 
 
 def test_centres_are_normalised_class_means_of_images_and_mirrors(tmp_path, dataset) -> None:
-    cache = build_teacher_cache(
-        ProjectionTeacher(), dataset, tmp_path / "cache", num_workers=0, progress=False
-    )
+    cache = build_teacher_cache(ProjectionTeacher(), dataset, tmp_path / "cache", num_workers=0, progress=False)
     centres, source = class_centres(cache, dataset.labels, dataset.num_classes)
     assert source == "mean" and centres.shape == (4, 16)
     rows = F.normalize(torch.from_numpy(np.asarray(cache.embeddings, dtype=np.float32)), dim=2)

@@ -131,18 +131,14 @@ class Batch:
 
     __slots__ = ("images", "labels", "indices", "skipped")
 
-    def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, skipped: int
-    ) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, skipped: int) -> None:
         self.images = images
         self.labels = labels
         self.indices = indices
         self.skipped = skipped
 
     def pin_memory(self) -> Batch:
-        return Batch(
-            self.images.pin_memory(), self.labels.pin_memory(), self.indices.pin_memory(), self.skipped
-        )
+        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.indices.pin_memory(), self.skipped)
 
 
 def collate_faces(samples: Sequence[tuple[torch.Tensor, int, int] | None]) -> Batch:

@@ -196,21 +196,17 @@ def _read_record_at(
             raise RecordIOError(f"{where(pos)}: file ended while reading a frame header. {_REBUILD_HINT}")
         magic, lrec = _FRAME.unpack(head)
         if magic != MAGIC:
-            raise RecordIOError(
-                f"{where(pos)}: bad magic 0x{magic:08x} (expected 0x{MAGIC:08x}). {_REBUILD_HINT}"
-            )
+            raise RecordIOError(f"{where(pos)}: bad magic 0x{magic:08x} (expected 0x{MAGIC:08x}). {_REBUILD_HINT}")
         cflag, length = lrec >> _CFLAG_SHIFT, lrec & MAX_FRAME_LENGTH
         if cflag > 3:
             raise RecordIOError(f"{where(pos)}: invalid continuation flag {cflag}. {_REBUILD_HINT}")
         if not parts and cflag in (2, 3):
             raise RecordIOError(
-                f"{where(pos)}: offset points into the middle of a multi-part record (cflag {cflag}). "
-                f"{_REBUILD_HINT}"
+                f"{where(pos)}: offset points into the middle of a multi-part record (cflag {cflag}). {_REBUILD_HINT}"
             )
         if parts and cflag in (0, 1):
             raise RecordIOError(
-                f"{where(pos)}: multi-part record is missing its last part (found cflag {cflag}). "
-                f"{_REBUILD_HINT}"
+                f"{where(pos)}: multi-part record is missing its last part (found cflag {cflag}). {_REBUILD_HINT}"
             )
         data_end = pos + _FRAME.size + length
         if data_end > file_size:
@@ -629,9 +625,7 @@ def _open_face_record(reader: RecordIOReader, progress: bool) -> FaceRecord:
     if header0 is not None and header0.flag > 0:
         end = header0.label[0] if isinstance(header0.label, tuple) else header0.label
         if not math.isfinite(end) or end < 1 or end != int(end):
-            raise RecordIOError(
-                f"{rec_path}: key 0: header record label {header0.label!r} is not an image key range"
-            )
+            raise RecordIOError(f"{rec_path}: key 0: header record label {header0.label!r} is not an image key range")
         keys = np.arange(1, int(end), dtype=np.int64)
         missing = keys[np.isin(keys, np.asarray(all_keys, dtype=np.int64), invert=True)]
         if missing.size:
@@ -752,9 +746,7 @@ def pack_folder_to_recordio(
     try:
         with RecordIOWriter(tmp_rec, tmp_idx) as writer:
             first_identity_key = num_images + 1
-            writer.write(
-                0, pack_record(IRHeader(2, (first_identity_key, first_identity_key + num_classes), 0), b"")
-            )
+            writer.write(0, pack_record(IRHeader(2, (first_identity_key, first_identity_key + num_classes), 0), b""))
             class_start = np.zeros(num_classes + 1, dtype=np.int64)
             show = progress and num_images > _PROGRESS_THRESHOLD
             for key, (path, label) in enumerate(tqdm(samples, desc="pack", disable=not show), start=1):

@@ -61,9 +61,7 @@ def render_identity(identity: dict, rng: np.random.Generator) -> np.ndarray:
     )
     texture = cv2.resize(identity["texture"].astype(np.float32), (SIZE, SIZE), interpolation=cv2.INTER_CUBIC)
     mask = np.zeros((SIZE, SIZE), np.float32)
-    cv2.ellipse(
-        mask, (int(cx), int(cy)), (int(identity["face_w"]), int(identity["face_h"])), 0, 0, 360, 1.0, -1
-    )
+    cv2.ellipse(mask, (int(cx), int(cy)), (int(identity["face_w"]), int(identity["face_h"])), 0, 0, 360, 1.0, -1)
     canvas += texture * 18 * mask[..., None]
     for side in (-1, 1):
         ex, ey = cx + side * identity["eye_dx"], identity["eye_y"]
@@ -157,7 +155,5 @@ def write_pairs_tsv(
     with open(out, "w") as handle:
         handle.write("left\tright\tlabel\tfold\n")
         for left, right, label, fold in lines:
-            handle.write(
-                f"{left.relative_to(out.parent)}\t{right.relative_to(out.parent)}\t{label}\t{fold}\n"
-            )
+            handle.write(f"{left.relative_to(out.parent)}\t{right.relative_to(out.parent)}\t{label}\t{fold}\n")
     return out

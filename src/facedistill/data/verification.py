@@ -158,8 +158,7 @@ def read_lfw_pairs(
             raise ValueError
     except ValueError:
         raise PairsFormatError(
-            f"{pairs_file}:1: expected '<folds> <pairs per class per fold>' (e.g. '10\\t300'), "
-            f"got {lines[0]!r}"
+            f"{pairs_file}:1: expected '<folds> <pairs per class per fold>' (e.g. '10\\t300'), got {lines[0]!r}"
         ) from None
     expected = 2 * num_folds * per_class
     if len(lines) - 1 != expected:
@@ -376,18 +375,14 @@ def read_bin(path: str | os.PathLike[str]) -> tuple[list[bytes], np.ndarray]:
                 f"{path}: refused: the pack calls {exc}, and loading it could run arbitrary code"
             ) from None
         except Exception as exc:  # a corrupt pickle can fail in many ways; all mean "not a valid pack"
-            raise PairsFormatError(
-                f"{path}: not a readable .bin pack ({type(exc).__name__}: {exc})"
-            ) from None
+            raise PairsFormatError(f"{path}: not a readable .bin pack ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, tuple | list) or len(obj) != 2:
         raise PairsFormatError(f"{path}: expected a pickled (images, issame) pair, got {type(obj).__name__}")
     images_obj, issame_obj = obj
     if isinstance(images_obj, np.ndarray) and images_obj.dtype == object:
         images_obj = images_obj.tolist()
     if not isinstance(images_obj, list | tuple):
-        raise PairsFormatError(
-            f"{path}: images must be a list of encoded images, got {type(images_obj).__name__}"
-        )
+        raise PairsFormatError(f"{path}: images must be a list of encoded images, got {type(images_obj).__name__}")
     images: list[bytes] = []
     for i, item in enumerate(images_obj):
         if isinstance(item, bytes):
@@ -397,9 +392,7 @@ def read_bin(path: str | os.PathLike[str]) -> tuple[list[bytes], np.ndarray]:
         elif isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 1:
             images.append(item.tobytes())
         else:
-            raise PairsFormatError(
-                f"{path}: image {i} is {type(item).__name__}, expected encoded image bytes"
-            )
+            raise PairsFormatError(f"{path}: image {i} is {type(item).__name__}, expected encoded image bytes")
     if isinstance(issame_obj, np.ndarray):
         issame_obj = issame_obj.reshape(-1).tolist()
     if not isinstance(issame_obj, list | tuple):

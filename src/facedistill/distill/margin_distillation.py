@@ -70,9 +70,7 @@ class MarginDistillation(DistillMethod):
     def __init__(self, params: MarginDistillationParams, context: MethodContext) -> None:
         super().__init__(params, context)
         if not 0.0 <= params.m_min <= params.m_max:
-            raise ValueError(
-                f"method: need 0 <= m_min <= m_max, got m_min={params.m_min}, m_max={params.m_max}"
-            )
+            raise ValueError(f"method: need 0 <= m_min <= m_max, got m_min={params.m_min}, m_max={params.m_max}")
         assert context.centres is not None
         self.head = MarginHead(
             context.num_classes,
@@ -85,9 +83,7 @@ class MarginDistillation(DistillMethod):
         dataset_max = None
         if params.normaliser == "dataset":
             if context.typicality is None:
-                raise ValueError(
-                    "method.normaliser=dataset needs the teacher cache's typicality of every image"
-                )
+                raise ValueError("method.normaliser=dataset needs the teacher cache's typicality of every image")
             dataset_max = context.typicality.float().max()
         self.register_buffer("dataset_max", dataset_max, persistent=False)
 

@@ -285,9 +285,7 @@ def auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
     return float(abs(np.sum(dx * (yv[1:] + yv[:-1]) / 2.0)))
 
 
-def _tar_at_far_from_roc(
-    fpr: np.ndarray, tpr: np.ndarray, n_neg: int, fars: Iterable[float]
-) -> dict[float, float]:
+def _tar_at_far_from_roc(fpr: np.ndarray, tpr: np.ndarray, n_neg: int, fars: Iterable[float]) -> dict[float, float]:
     out: dict[float, float] = {}
     for far in fars:
         far = float(far)
@@ -303,9 +301,7 @@ def _tar_at_far_from_roc(
     return out
 
 
-def tar_at_far(
-    scores: np.ndarray, issame: np.ndarray, fars: Sequence[float] = (1e-3, 1e-4)
-) -> dict[float, float]:
+def tar_at_far(scores: np.ndarray, issame: np.ndarray, fars: Sequence[float] = (1e-3, 1e-4)) -> dict[float, float]:
     """True-accept rate at the most permissive threshold whose false-accept rate is ``<= far``.
 
     Computed on the whole score set (no folds, no interpolation), as the IJB-B/C protocols do: for each

@@ -101,9 +101,7 @@ def embed_keys(
     """L2-normalised embeddings [len(keys), d]; with ``flip`` the sum of image and mirror embeddings."""
     loader = DataLoader(_KeyedImages(pairs_set, keys), batch_size=batch_size, num_workers=num_workers)
     chunks = []
-    for images in tqdm(
-        loader, desc=f"embed {pairs_set.name}", unit="batch", disable=not progress, leave=False
-    ):
+    for images in tqdm(loader, desc=f"embed {pairs_set.name}", unit="batch", disable=not progress, leave=False):
         if flip:
             both = embedder(torch.cat([images, images.flip(-1)]))
             features = both[: len(images)] + both[len(images) :]

@@ -113,9 +113,7 @@ def _max_abs_diff(onnx_path: str | os.PathLike[str], net: nn.Module, x: torch.Te
     return float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64))))
 
 
-def verify_onnx(
-    onnx_path: str | os.PathLike[str], model: nn.Module, batch: torch.Tensor | np.ndarray
-) -> float:
+def verify_onnx(onnx_path: str | os.PathLike[str], model: nn.Module, batch: torch.Tensor | np.ndarray) -> float:
     """Max absolute difference between onnxruntime (CPU) and the PyTorch model (CPU, eval) on ``batch``.
 
     ``batch`` is an already normalised float NCHW batch. The model is copied, so its state is untouched.
@@ -247,9 +245,7 @@ def export_onnx(
         for k, v in meta.items():
             proto.metadata_props.add(key=k, value=v)
         onnx.checker.check_model(proto, full_check=True)
-        actual_opset = max(
-            (o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=opset
-        )
+        actual_opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=opset)
         if actual_opset < MIN_OPSET:
             raise RuntimeError(f"exporter produced opset {actual_opset} < {MIN_OPSET}")
         batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]

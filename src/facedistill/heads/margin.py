@@ -29,9 +29,7 @@ HEADS = Registry[nn.Module]("head")
 COS_EPS = 1e-6
 
 
-def margin_target_logit(
-    cos_theta: torch.Tensor, m1: float, m2: torch.Tensor | float, m3: float
-) -> torch.Tensor:
+def margin_target_logit(cos_theta: torch.Tensor, m1: float, m2: torch.Tensor | float, m3: float) -> torch.Tensor:
     """Margin-adjusted cosine of the true class (unscaled); ``m2`` is a scalar or one margin per sample."""
     m2 = torch.as_tensor(m2, dtype=cos_theta.dtype, device=cos_theta.device)
     theta = torch.acos(cos_theta.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS))
@@ -106,16 +104,12 @@ class MarginHead(nn.Module):
 
 
 @HEADS.register("arcface")
-def arcface_head(
-    num_classes: int, embedding_size: int, scale: float = 64.0, margin: float = 0.5, **kw
-) -> MarginHead:
+def arcface_head(num_classes: int, embedding_size: int, scale: float = 64.0, margin: float = 0.5, **kw) -> MarginHead:
     return MarginHead(num_classes, embedding_size, scale, 1.0, margin, 0.0, **kw)
 
 
 @HEADS.register("cosface")
-def cosface_head(
-    num_classes: int, embedding_size: int, scale: float = 64.0, margin: float = 0.4, **kw
-) -> MarginHead:
+def cosface_head(num_classes: int, embedding_size: int, scale: float = 64.0, margin: float = 0.4, **kw) -> MarginHead:
     return MarginHead(num_classes, embedding_size, scale, 1.0, 0.0, margin, **kw)
 
 

@@ -99,11 +99,7 @@ class TeacherCache:
     def rows(self, indices: torch.Tensor, mirrored: torch.Tensor | None = None) -> torch.Tensor:
         """float32 teacher embeddings [B, d] of the given images; mirror rows where ``mirrored`` is True."""
         index = indices.cpu().numpy()
-        view = (
-            np.zeros(len(index), dtype=np.int64)
-            if mirrored is None
-            else mirrored.cpu().numpy().astype(np.int64)
-        )
+        view = np.zeros(len(index), dtype=np.int64) if mirrored is None else mirrored.cpu().numpy().astype(np.int64)
         return torch.from_numpy(np.asarray(self.embeddings[index, view], dtype=np.float32))
 
     def head_centres(self) -> torch.Tensor | None:
@@ -130,9 +126,7 @@ class TeacherCache:
         centres = F.normalize(centres.float(), dim=1)
         out = torch.empty(self.num_images, 2)
         for start in range(0, self.num_images, chunk):
-            block = F.normalize(
-                torch.from_numpy(np.asarray(self.embeddings[start : start + chunk], np.float32)), dim=2
-            )
+            block = F.normalize(torch.from_numpy(np.asarray(self.embeddings[start : start + chunk], np.float32)), dim=2)
             own = centres[torch.from_numpy(labels[start : start + chunk])]
             out[start : start + len(block)] = (block * own[:, None, :]).sum(dim=2)
         return out
@@ -208,9 +202,7 @@ def build_teacher_cache(
     since_flush = 0
     for batch in loader:
         if batch.skipped:
-            raise ValueError(
-                "the teacher cache needs every image; fix the unreadable ones (run without skip)"
-            )
+            raise ValueError("the teacher cache needs every image; fix the unreadable ones (run without skip)")
         count = len(batch.indices)
         both = teacher.embed(torch.cat([batch.images, batch.images.flip(-1)]))
         rows = torch.stack([both[:count], both[count:]], dim=1)

@@ -31,9 +31,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ValueError(f"checkpoint {path} cannot be loaded safely: {error}") from None
 
 
-def load_student(
-    path: str | Path, device: str | torch.device = "cpu"
-) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """The student backbone of a facedistill checkpoint (``last.pt``/``best.pt``), in eval mode, and its config."""
     from facedistill.models import create_model
 

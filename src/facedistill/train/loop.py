@@ -154,9 +154,7 @@ def prepare_method_context(
     return context, cache, info
 
 
-def train(
-    config: Config, resume: bool = False, progress: bool = True, stop_after: int | None = None
-) -> RunSummary:
+def train(config: Config, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> RunSummary:
     """Run (or with ``resume`` continue) a training run; ``stop_after`` ends it early at that step, after writing a
     checkpoint, without changing the schedule (how tests and benchmarks simulate an interruption)."""
     started = time.perf_counter()
@@ -172,9 +170,7 @@ def train(
     batch_size = config.data.batch_size
     steps_per_epoch = len(dataset) // batch_size
     if steps_per_epoch == 0:
-        raise ValueError(
-            f"{config.data.train}: {len(dataset)} images are fewer than one batch of {batch_size}"
-        )
+        raise ValueError(f"{config.data.train}: {len(dataset)} images are fewer than one batch of {batch_size}")
     total_steps = config.train.max_steps or math.ceil(config.train.epochs * steps_per_epoch)
     context, cache, teacher_info = prepare_method_context(config, dataset, steps_per_epoch)
     val_set = None
@@ -348,9 +344,7 @@ def train(
     selected = LAST
     if config.train.select == "best_val":
         if val_set is None:
-            raise ValueError(
-                "train.select=best_val needs data.val_pairs (a validation set, never a test set)"
-            )
+            raise ValueError("train.select=best_val needs data.val_pairs (a validation set, never a test set)")
         selected = BEST
         model.load_state_dict(load_checkpoint(run_dir / BEST, device)["model"])
     model.eval()

@@ -1,0 +1,100 @@
+import json
+
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from facedistill.cli import app
+from facedistill.demo import SyntheticSetup, run_demo
+from tests.helpers import make_face_folders
+
+runner = CliRunner()
+
+
+def test_info_prints_params_and_macs() -> None:
+    result = runner.invoke(app, ["info", "mobilefacenet", "--embedding-size", "128"])
+    assert result.exit_code == 0, result.output
+    assert "params 1.00 M" in result.output and "MACs 0.22 G" in result.output
+    bad = runner.invoke(app, ["info", "resnet9000"])
+    assert bad.exit_code == 2 and "known:" in bad.output
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    train_dir, pairs = make_face_folders(root, identities=3, images=4, test_identities=3)
+    run = root / "run"
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--set",
+            f"data.train={train_dir}",
+            "--set",
+            "data.batch_size=6",
+            "--set",
+            "data.num_workers=0",
+            "--set",
+            "model.embedding_size=16",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            f"run.output_dir={run}",
+            "--set",
+            "train.amp=none",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    return run, pairs
+
+
+def test_eval_export_and_pack_from_the_command_line(trained, tmp_path) -> None:
+    run, pairs = trained
+    result = runner.invoke(
+        app, ["eval", str(run / "last.pt"), "--pairs", str(pairs), "--out", str(tmp_path), "--workers", "0"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "accuracy" in result.output and (tmp_path / "roc_pairs.png").exists()
+    assert json.loads((tmp_path / "eval_pairs.json").read_text())["num_pairs"] == 60
+
+    result = runner.invoke(app, ["export", str(run / "last.pt"), "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    metadata = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert "(x-127.5)/127.5" in metadata["facedistill.input"].replace(" ", "")
+
+    result = runner.invoke(app, ["pack", str(pairs.parent / "train"), str(tmp_path / "rec")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "rec" / "train.rec").exists() and (tmp_path / "rec" / "property").exists()
+
+
+def test_cli_errors_are_one_clear_line(tmp_path) -> None:
+    result = runner.invoke(app, ["train", "--set", "train.epoch=3"])
+    assert result.exit_code == 2 and "unknown key(s) epoch" in result.output
+    result = runner.invoke(app, ["eval", str(tmp_path / "nope.pt"), "--pairs", str(tmp_path / "p.tsv")])
+    assert result.exit_code == 2 and "nope.pt does not exist" in result.output
+
+
+def test_demo_runs_the_whole_pipeline_on_generated_faces(tmp_path) -> None:
+    setup = SyntheticSetup(
+        train_identities=5,
+        images_per_identity=4,
+        test_identities=4,
+        test_images=3,
+        pairs_per_fold=2,
+        batch_size=10,
+        teacher_epochs=2,
+        student_epochs=1,
+    )
+    table = run_demo(tmp_path, setup=setup, progress=False)
+    for row in ("| teacher |", "| arcface |", "| margin_distillation |"):
+        assert row in table
+    compare = tmp_path / "compare"
+    assert (compare / "roc_all.png").exists() and (compare / "results.md").exists()
+    report = json.loads((compare / "results.json").read_text())
+    assert set(report["students"]) == {"arcface", "margin_distillation"}
+    assert (
+        report["students"]["margin_distillation"]["centres"]
+        if "centres" in report["students"]["margin_distillation"]
+        else True
+    )
+    assert (compare / "margin_distillation" / "model.onnx").exists()
