@@ -92,9 +92,7 @@ def test_demo_runs_the_whole_pipeline_on_generated_faces(tmp_path) -> None:
     assert (compare / "roc_all.png").exists() and (compare / "results.md").exists()
     report = json.loads((compare / "results.json").read_text())
     assert set(report["students"]) == {"arcface", "margin_distillation"}
-    assert (
-        report["students"]["margin_distillation"]["centres"]
-        if "centres" in report["students"]["margin_distillation"]
-        else True
-    )
+    # The demo's teacher is a facedistill ArcFace checkpoint of the same identities: its head gives the centres.
+    student = json.loads((compare / "margin_distillation" / "results.json").read_text())
+    assert student["centres"] == "head"
     assert (compare / "margin_distillation" / "model.onnx").exists()

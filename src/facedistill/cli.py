@@ -196,7 +196,9 @@ def pack(
             typer.echo(f"wrote {out}")
             return
         folder = ImageFolderDataset(source)
-        samples = [(folder.root / rel, int(label)) for rel, label in zip(folder.relative_paths, folder.labels)]
+        samples = [
+            (folder.root / rel, int(label)) for rel, label in zip(folder.relative_paths, folder.labels, strict=True)
+        ]
         pack_folder_to_recordio(samples, out)
     except (ValueError, FileNotFoundError, OSError) as error:
         _fail(error)

@@ -162,7 +162,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
-            return tuple(coerce(item, arg, f"{key}[{i}]") for i, (item, arg) in enumerate(zip(value, args)))
+            return tuple(
+                coerce(item, arg, f"{key}[{i}]") for i, (item, arg) in enumerate(zip(value, args, strict=True))
+            )
         item_type = args[0] if args else Any
         items = [coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
         return tuple(items) if origin is tuple else items

@@ -70,7 +70,7 @@ def compare_methods(
     out_dir.mkdir(parents=True, exist_ok=True)
     dataset = open_training_set(train_data)
     started = time.perf_counter()
-    cache = build_teacher_cache(
+    build_teacher_cache(
         teacher,
         dataset,
         out_dir / "teacher_cache",

@@ -87,7 +87,7 @@ class ImageFolderDataset(FaceDataset):
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
-        for relative, label in zip(self.relative_paths, self.labels):
+        for relative, label in zip(self.relative_paths, self.labels, strict=True):
             size = (self.root / relative).stat().st_size
             digest.update(f"{relative}\t{label}\t{size}\n".encode())
         return "folder:" + digest.hexdigest()[:24]

@@ -22,7 +22,7 @@ class RunLogger:
         row = {"step": step, **values}
         if kind not in self._writers:
             path = self.directory / f"{kind}.csv"
-            handle = open(path, "a", newline="")
+            handle = open(path, "a", newline="")  # noqa: SIM115  (kept open for the run; closed in close())
             writer = csv.DictWriter(handle, fieldnames=list(row), extrasaction="ignore")
             if path.stat().st_size == 0:
                 writer.writeheader()
