@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from facedistill.data.images import ImageDecodeError, decode_image, to_chw_tensor
+from facedistill.data.recordio import RecordIOError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 
@@ -43,7 +44,7 @@ class FaceDataset(Dataset):
         try:
             data, source = self.read_bytes(index)
             image = decode_image(data, source)
-        except ImageDecodeError:
+        except (ImageDecodeError, RecordIOError):
             if self.skip_bad:
                 return None
             raise

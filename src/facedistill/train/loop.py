@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,8 +96,9 @@ def _cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def check_output_dir(run_dir: Path) -> None:
-    """Fail before training, not after hours, when the run directory cannot be written."""
+def check_output_dir(run_dir: Path, needed_bytes: int = 0) -> None:
+    """Fail before training, not after hours, when the run directory cannot be written or lacks the space for
+    the checkpoints (``needed_bytes``: two full checkpoints, the last one and the one being written)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write_probe"
@@ -104,6 +106,12 @@ def check_output_dir(run_dir: Path) -> None:
         probe.unlink()
     except OSError as error:
         raise OSError(f"cannot write to the run directory {run_dir}: {error.strerror or error}") from None
+    free = shutil.disk_usage(run_dir).free
+    if free < needed_bytes:
+        raise OSError(
+            f"the run directory {run_dir} has {free / 2**20:.1f} MiB free but checkpoints need about "
+            f"{needed_bytes / 2**20:.1f} MiB; free some space or choose another run.output_dir"
+        )
 
 
 def seed_everything(seed: int) -> None:
@@ -188,6 +196,11 @@ def train(config: Config, resume: bool = False, progress: bool = True, stop_afte
     scheduler = build_scheduler(optimizer, total_steps, steps_per_epoch, config.schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     forward = torch.compile(model) if config.train.compile else model
+    # A checkpoint holds the weights plus up to two optimiser moments per weight; keep room for two of them.
+    weight_bytes = sum(
+        t.numel() * t.element_size() for t in [*model.state_dict().values(), *method.state_dict().values()]
+    )
+    check_output_dir(run_dir, needed_bytes=2 * 3 * weight_bytes)
 
     step, best_val, skipped = 0, -1.0, 0
     if resume and (run_dir / LAST).exists():
