@@ -206,6 +206,42 @@ def pack(
 
 
 @app.command()
+def compare(
+    methods: Annotated[list[str], typer.Option("--methods", "-m", help="Methods to compare (repeatable).")],
+    data: Annotated[Path, typer.Option(help="Training set: identity folders or RecordIO.")],
+    teacher: Annotated[str, typer.Option(help="sface, an .onnx file or a .pth checkpoint.")],
+    pairs: Annotated[Path, typer.Option(help="Test pairs: LFW pairs.txt, .bin or TSV.")],
+    images: Annotated[Path | None, typer.Option(help="Image root of --pairs.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Shared recipe (a train config).")] = None,
+    overrides: SetOption = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Comparison directory.")] = Path("runs/compare"),
+) -> None:
+    """Train one student per method with the same data, teacher cache, recipe and seed; evaluate all; write
+    results.md, results.json, ROC curves and angle histograms. Keys of the config's method section apply to every
+    method that has them (e.g. scale)."""
+    import dataclasses
+
+    from facedistill.config import ConfigError, load_config
+    from facedistill.distill import METHODS
+    from facedistill.pipeline import compare_methods, markdown_table
+    from facedistill.teachers import create_teacher
+
+    try:
+        recipe = load_config(config, overrides or [])
+        shared = {key: value for key, value in recipe.method.items() if key != "name"}
+        specs = {}
+        for name in methods:
+            known = {field.name for field in dataclasses.fields(METHODS.get(name).Params)}
+            specs[name] = {"method": {"name": name, **{k: v for k, v in shared.items() if k in known}}}
+        base = recipe.to_dict()
+        base.pop("method")
+        rows, _ = compare_methods(out, data, create_teacher(teacher), pairs, images, specs, base)
+    except (ConfigError, KeyError, ValueError, FileNotFoundError, OSError) as error:
+        _fail(error)
+    typer.echo(markdown_table(rows, pairs.stem))
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo writes everything.")] = Path("runs/demo"),
     data: Annotated[Path | None, typer.Option(help="Real training faces (identity folders).")] = None,

@@ -12,11 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
 from facedistill.config import Config, apply_overrides, from_dict
-from facedistill.data.datasets import open_training_set
+from facedistill.data.datasets import FaceDataset, collate_faces, open_training_set
 from facedistill.eval.metrics import VerificationResult, plot_roc
-from facedistill.eval.verify import evaluate_pairs, load_pairs_set
-from facedistill.teachers.cache import build_teacher_cache
+from facedistill.eval.verify import Embedder, evaluate_pairs, load_pairs_set, student_embedder
+from facedistill.teachers.cache import build_teacher_cache, class_centres
+from facedistill.train.checkpoint import load_student
 from facedistill.train.loop import model_profile, train
 
 
@@ -70,7 +77,7 @@ def compare_methods(
     out_dir.mkdir(parents=True, exist_ok=True)
     dataset = open_training_set(train_data)
     started = time.perf_counter()
-    build_teacher_cache(
+    cache = build_teacher_cache(
         teacher,
         dataset,
         out_dir / "teacher_cache",
@@ -79,6 +86,8 @@ def compare_methods(
         progress=progress,
     )
     cache_seconds = time.perf_counter() - started
+    centres, _ = class_centres(cache, dataset.labels, dataset.num_classes)
+    teacher_angles = np.degrees(np.arccos(cache.typicality(centres, dataset.labels)[:, 0].clamp(-1, 1).numpy()))
 
     test_set = load_pairs_set(test_pairs, test_images, name="test")
     teacher_result, _ = evaluate_pairs(teacher.embed, test_set, progress=progress)
@@ -134,11 +143,50 @@ def compare_methods(
             )
         )
         report["students"][name] = {**summary.to_dict(), "model": profile, "config": config.to_dict()}
+        student, _ = load_student(out_dir / name / summary.selected)
+        student_angles = angles_to_centres(student_embedder(student), dataset, centres, progress)
+        plot_angle_histograms(
+            {f"{name} student": student_angles, "teacher": teacher_angles},
+            out_dir / f"angles_{name}.png",
+            f"Angle to the teacher's class centre on the training set: {name}",
+        )
+        report["students"][name]["angle_to_teacher_centre_deg"] = {
+            "student_mean": float(student_angles.mean()),
+            "teacher_mean": float(teacher_angles.mean()),
+        }
     plot_roc(results, out_dir / "roc_all.png", "Teacher and students")
     table = markdown_table(rows, "test")
     (out_dir / "results.md").write_text(table + "\n")
     (out_dir / "results.json").write_text(json.dumps(report, indent=2, default=str))
     return rows, report
+
+
+def angles_to_centres(
+    embedder: Embedder, dataset: FaceDataset, centres: torch.Tensor, progress: bool = True, batch_size: int = 256
+) -> np.ndarray:
+    """Angle in degrees between each training image's embedding and the (teacher) centre of its class."""
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_faces)
+    angles = []
+    for batch in tqdm(loader, desc="angles to centres", unit="batch", disable=not progress, leave=False):
+        cos = (F.normalize(embedder(batch.images), dim=1) * centres[batch.labels]).sum(dim=1)
+        angles.append(torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0))))
+    return torch.cat(angles).numpy()
+
+
+def plot_angle_histograms(angles: dict[str, np.ndarray], out_png: Path, title: str) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 4.0))
+    axes = figure.subplots()
+    bins = np.linspace(0, 120, 61)
+    for label, values in angles.items():
+        axes.hist(values, bins=bins, alpha=0.55, label=f"{label} (mean {values.mean():.1f} deg)")
+    axes.set_xlabel("angle to the class centre (degrees)")
+    axes.set_ylabel("training images")
+    axes.set_title(title, fontsize=9)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(out_png, dpi=120)
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
