@@ -96,3 +96,18 @@ def test_demo_runs_the_whole_pipeline_on_generated_faces(tmp_path) -> None:
     student = json.loads((compare / "margin_distillation" / "results.json").read_text())
     assert student["centres"] == "head"
     assert (compare / "margin_distillation" / "model.onnx").exists()
+
+
+def test_align_lists_faceless_images_and_centre_crops_them(tmp_path) -> None:
+    import cv2
+    import numpy as np
+
+    (tmp_path / "raw" / "person").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "raw" / "person" / "grey.jpg"), np.full((160, 120, 3), 128, np.uint8))
+    result = runner.invoke(
+        app, ["align", str(tmp_path / "raw"), str(tmp_path / "out"), "--workers", "1", "--no-face", "center_crop"]
+    )
+    assert result.exit_code == 0, result.output
+    report = (tmp_path / "out" / "align_report.tsv").read_text()
+    assert "person/grey.jpg" in report and "center_crop" in report
+    assert cv2.imread(str(tmp_path / "out" / "person" / "grey.jpg")).shape == (112, 112, 3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -175,6 +175,29 @@ def info(
         f"{model} (embedding {embedding_size}): params {format_count(count_parameters(net))}, "
         f"MACs {format_count(count_macs(net))} at 112x112"
     )
+
+
+@app.command()
+def align(
+    src: Annotated[Path, typer.Argument(help="Raw photos: SRC/<identity>/<image>.")],
+    dst: Annotated[Path, typer.Argument(help="Aligned faces go to DST/<identity>/<image>.jpg, the report beside.")],
+    workers: Annotated[int, typer.Option(help="Worker processes, each with its own detector.")] = 2,
+    no_face: Annotated[
+        Literal["skip", "center_crop"],
+        typer.Option("--no-face", help="Faceless images: skip them, or write their centre square."),
+    ] = "skip",
+    score_threshold: Annotated[float, typer.Option(help="YuNet score threshold (0.5 made the shared data).")] = 0.5,
+    resume: Annotated[bool, typer.Option(help="Skip images the report already lists as done.")] = True,
+) -> None:
+    """Detect faces (YuNet), align them to the ArcFace template at 112x112; every image is listed in
+    DST/align_report.tsv (aligned, no_face, center_crop or unreadable)."""
+    from facedistill.data.align import align_folder
+
+    try:
+        report = align_folder(src, dst, workers, score_threshold, no_face, resume)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError, OSError) as error:
+        _fail(error)
+    typer.echo(report.summary())
 
 
 @app.command()
