@@ -36,6 +36,9 @@ class DataSection:
     num_workers: int = 2
     flip: bool = True
     skip_bad_images: bool = False
+    # "identity_balanced": batches of batch_size / images_per_identity identities (triplet, EKD, RKD need pairs).
+    sampler: Literal["random", "identity_balanced"] = "random"
+    images_per_identity: int = 4
     # A pairs file (LFW pairs.txt, TSV or .bin) used for validation during training. Never a test set.
     val_pairs: str | None = None
     val_images: str | None = None

@@ -6,6 +6,7 @@ import torch
 from facedistill.config import load_config
 from facedistill.data.datasets import ImageFolderDataset
 from facedistill.teachers.cache import build_teacher_cache
+from facedistill.train import loop as loop_module
 from facedistill.train.checkpoint import load_checkpoint
 from facedistill.train.loop import train
 from tests.helpers import ProjectionTeacher, make_face_folders
@@ -133,3 +134,31 @@ def test_unwritable_output_directory_fails_before_training(tmp_path, faces) -> N
     blocker.write_text("not a directory")
     with pytest.raises(OSError, match="cannot write to the run directory"):
         train(_config(tmp_path, train_dir, pairs, "file/run"), progress=False)
+
+
+def test_identity_balanced_batches_feed_the_loop(tmp_path, faces, monkeypatch) -> None:
+    train_dir, pairs = faces
+    seen: list[list[int]] = []
+    original = loop_module.collate_faces
+
+    def spy(samples):
+        batch = original(samples)
+        seen.append(batch.labels.tolist())
+        return batch
+
+    monkeypatch.setattr(loop_module, "collate_faces", spy)
+    config = _config(
+        tmp_path,
+        train_dir,
+        pairs,
+        "balanced",
+        "data.sampler=identity_balanced",
+        "data.images_per_identity=4",
+        "train.epochs=1",
+        "train.export_onnx=false",
+    )
+    config.eval.tests = []
+    train(config, progress=False)
+    assert len(seen) == 3
+    for labels in seen:
+        assert sorted(labels.count(label) for label in set(labels)) == [4, 4]

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from facedistill.config import Config, save_config
 from facedistill.data.datasets import FaceDataset, collate_faces, open_training_set
 from facedistill.data.images import normalise, random_horizontal_flip
+from facedistill.data.samplers import IdentityBalancedSampler
 from facedistill.distill import METHODS, MethodContext, create_method
 from facedistill.models import create_model
 from facedistill.teachers.cache import TeacherCache, class_centres
@@ -180,6 +181,9 @@ def train(config: Config, resume: bool = False, progress: bool = True, stop_afte
     if steps_per_epoch == 0:
         raise ValueError(f"{config.data.train}: {len(dataset)} images are fewer than one batch of {batch_size}")
     total_steps = config.train.max_steps or math.ceil(config.train.epochs * steps_per_epoch)
+    balanced = None
+    if config.data.sampler == "identity_balanced":
+        balanced = IdentityBalancedSampler(dataset.labels, batch_size, config.data.images_per_identity, config.run.seed)
     context, cache, teacher_info = prepare_method_context(config, dataset, steps_per_epoch)
     val_set = None
     if config.data.val_pairs:
@@ -244,8 +248,11 @@ def train(config: Config, resume: bool = False, progress: bool = True, stop_afte
     method.train()
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(dataset), generator=_step_generator(config.run.seed, -1 - epoch))
-        indices = order[offset * batch_size : steps_per_epoch * batch_size].tolist()
+        if balanced is not None:
+            indices = [index for batch in balanced.epoch_batches(epoch)[offset:] for index in batch]
+        else:
+            order = torch.randperm(len(dataset), generator=_step_generator(config.run.seed, -1 - epoch))
+            indices = order[offset * batch_size : steps_per_epoch * batch_size].tolist()
         loader = DataLoader(
             dataset,
             batch_size=batch_size,
