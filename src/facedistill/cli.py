@@ -93,22 +93,34 @@ def cache_teacher(
 
 @app.command("eval")
 def evaluate(
-    pairs: Annotated[Path, typer.Option(help="LFW pairs.txt, a .bin pack or a pairs TSV.")],
     model: Annotated[Path | None, typer.Argument(help="facedistill checkpoint (.pt).")] = None,
+    pairs: Annotated[Path | None, typer.Option(help="LFW pairs.txt, a .bin pack or a pairs TSV.")] = None,
+    protocol: Annotated[
+        str, typer.Option(help="pairs (needs --pairs), lfw, cfp-fp, cfp-ff, ijbb, ijbc or megaface (need --root).")
+    ] = "pairs",
+    root: Annotated[Path | None, typer.Option(help="Dataset folder of the protocol (LFW, CFP, IJB, MegaFace).")] = None,
     images: Annotated[Path | None, typer.Option(help="Image root for pairs.txt/TSV.")] = None,
+    aligned: Annotated[Path | None, typer.Option(help="Aligned 112x112 copies of the protocol's images.")] = None,
     teacher: Annotated[str | None, typer.Option(help="Evaluate a teacher instead (sface, .onnx, .pth).")] = None,
     out: Annotated[Path | None, typer.Option(help="Write results JSON and ROC plot here.")] = None,
     flip: bool = True,
     batch_size: int = 256,
     workers: int = 2,
+    detector_scores: Annotated[bool, typer.Option(help="IJB: weight image features by detector score.")] = True,
+    feature_norm: Annotated[bool, typer.Option(help="IJB: keep feature norms in the template averages.")] = True,
 ) -> None:
-    """10-fold verification (flip test, mean +- std), TAR at FAR 1e-3/1e-4 and a ROC plot."""
-    from facedistill.eval.metrics import plot_roc
-    from facedistill.eval.verify import evaluate_pairs, load_pairs_set, student_embedder
+    """Verification (LFW, pairs, CFP: 10-fold accuracy, TAR@FAR), IJB-B/C TAR@FAR 1e-6..1e-1 or MegaFace rank-1."""
+    import numpy as np
+
+    from facedistill.eval.metrics import VerificationResult, plot_roc
+    from facedistill.eval.protocols import PROTOCOLS, evaluate_protocol, load_protocol, write_result
+    from facedistill.eval.verify import student_embedder
 
     try:
         if (model is None) == (teacher is None):
             raise ValueError("give either a checkpoint or --teacher")
+        if protocol.lower() not in PROTOCOLS:
+            raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
         if teacher is not None:
             from facedistill.teachers import create_teacher
 
@@ -120,18 +132,47 @@ def evaluate(
             student, _ = load_student(model)
             embed = student_embedder(student)
             label = model.parent.name or model.stem
-        pairs_set = load_pairs_set(pairs, images)
-        result, _ = evaluate_pairs(embed, pairs_set, flip, batch_size, workers)
+        loaded = load_protocol(protocol, root, pairs=pairs, images=images, aligned_dir=aligned)
+        result = evaluate_protocol(
+            embed,
+            loaded,
+            flip=flip,
+            batch_size=batch_size,
+            num_workers=workers,
+            keep_feature_norm=feature_norm,
+            use_detector_scores=detector_scores,
+        )
     except (ValueError, FileNotFoundError, OSError) as error:
         _fail(error)
-    typer.echo(
-        f"{pairs_set.name}: accuracy {result.summary()}  "
-        + "  ".join(f"TAR@FAR={far:g}: {tar * 100:.2f}%" for far, tar in result.tar_at_far.items())
-    )
+
+    def tars(values: dict[str, float | None]) -> str:
+        return "  ".join(
+            f"TAR@FAR={float(far):g}: " + ("n/a" if tar is None else f"{tar * 100:.2f}%") for far, tar in values.items()
+        )
+
+    name = result["protocol"]
+    if result["kind"] == "identification":
+        typer.echo(
+            f"{name}: rank-1 {100 * result['rank1']:.2f}% over {result['num_trials']} trials, "
+            f"{result['num_distractors']} distractors"
+        )
+    elif result["kind"] == "ijb":
+        typer.echo(
+            f"{name}: {result['num_templates']} templates, {result['num_pairs']} pairs  {tars(result['tar_at_far'])}"
+        )
+        typer.echo(f"{name} (insightface, nearest FAR): {tars(result['tar_at_far_nearest'])}")
+    else:
+        summary = VerificationResult.from_dict(result).summary()
+        typer.echo(f"{name}: accuracy {summary}  {tars(result['tar_at_far'])}")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"eval_{pairs_set.name}.json").write_text(json.dumps(result.to_dict(), indent=2))
-        plot_roc({label: result}, out / f"roc_{pairs_set.name}.png", f"{pairs_set.name}: {label}")
+        write_result(result, out / f"eval_{name}.json")
+        if result["kind"] == "verification":
+            plot_roc({label: VerificationResult.from_dict(result)}, out / f"roc_{name}.png", f"{name}: {label}")
+        elif result["kind"] == "ijb":
+            curve = tuple(np.array([np.nan if v is None else v for v in result[k]]) for k in ("roc_fpr", "roc_tpr"))
+            auc_text = "n/a" if result["auc"] is None else f"{result['auc']:.4f}"
+            plot_roc({f"{label} (AUC {auc_text})": curve}, out / f"roc_{name}.png", f"{name}: {label}")
 
 
 @app.command()
