@@ -162,3 +162,10 @@ def test_identity_balanced_batches_feed_the_loop(tmp_path, faces, monkeypatch) -
     assert len(seen) == 3
     for labels in seen:
         assert sorted(labels.count(label) for label in set(labels)) == [4, 4]
+
+
+def test_pair_based_methods_refuse_random_batches(tmp_path, faces) -> None:
+    train_dir, pairs = faces
+    for method in ("triplet", "ekd"):
+        with pytest.raises(ValueError, match="set data.sampler=identity_balanced"):
+            train(_config(tmp_path, train_dir, pairs, method, f"method.name={method}"), progress=False)

@@ -74,13 +74,16 @@ class IdentityBalancedSampler:
         cycles: dict[int, deque[int]] = {}
         batches = []
         for _ in range(self.num_batches):
-            chosen: list[int] = []
+            chosen: dict[int, None] = {}  # insertion-ordered set
             deferred: list[int] = []
             while len(chosen) < self.identities_per_batch:
                 if not stream:
                     stream.extend(rng.permutation(positions).tolist())
                 position = stream.popleft()
-                (deferred if position in chosen else chosen).append(position)
+                if position in chosen:
+                    deferred.append(position)
+                else:
+                    chosen[position] = None
             stream.extendleft(reversed(deferred))
             batch: list[int] = []
             for position in chosen:

@@ -34,6 +34,8 @@ class MethodContext:
 class DistillMethod(nn.Module):
     name: ClassVar[str]
     needs_teacher: ClassVar[bool] = True
+    # Pair-based losses (triplet, EKD) need several images per identity in a batch: data.sampler=identity_balanced.
+    needs_identity_balanced_batches: ClassVar[bool] = False
     Params: ClassVar[type]
 
     def __init__(self, params: Any, context: MethodContext) -> None:

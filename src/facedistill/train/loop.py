@@ -182,6 +182,14 @@ def train(config: Config, resume: bool = False, progress: bool = True, stop_afte
         raise ValueError(f"{config.data.train}: {len(dataset)} images are fewer than one batch of {batch_size}")
     total_steps = config.train.max_steps or math.ceil(config.train.epochs * steps_per_epoch)
     balanced = None
+    if (
+        METHODS.get(config.method["name"]).needs_identity_balanced_batches
+        and config.data.sampler != "identity_balanced"
+    ):
+        raise ValueError(
+            f"method '{config.method['name']}' compares images of the same identity within a batch; "
+            "set data.sampler=identity_balanced (and data.images_per_identity)"
+        )
     if config.data.sampler == "identity_balanced":
         balanced = IdentityBalancedSampler(dataset.labels, batch_size, config.data.images_per_identity, config.run.seed)
     context, cache, teacher_info = prepare_method_context(config, dataset, steps_per_epoch)
