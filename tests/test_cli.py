@@ -111,3 +111,16 @@ def test_align_lists_faceless_images_and_centre_crops_them(tmp_path) -> None:
     report = (tmp_path / "out" / "align_report.tsv").read_text()
     assert "person/grey.jpg" in report and "center_crop" in report
     assert cv2.imread(str(tmp_path / "out" / "person" / "grey.jpg")).shape == (112, 112, 3)
+
+
+def test_export_int8_and_latency_from_the_command_line(trained, tmp_path) -> None:
+    run, _ = trained
+    assert (run / "report.md").exists()
+    result = runner.invoke(app, ["export", str(run / "last.pt"), "-o", str(tmp_path / "m.onnx"), "--int8"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m.int8.onnx").exists() and "integer ops" in result.output
+    args = ["latency", str(run / "last.pt"), "--threads", "1", "-b", "1", "-b", "2", "--repeats", "1", "--rounds", "1"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "lat.json")])
+    assert result.exit_code == 0, result.output
+    assert "| ORT int8 (dynamic) |" in result.output
+    assert len(json.loads((tmp_path / "lat.json").read_text())) == 3

@@ -180,11 +180,15 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(help="facedistill checkpoint (.pt).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="ONNX file to write.")] = Path("model.onnx"),
     opset: int = 17,
+    int8: Annotated[
+        bool, typer.Option("--int8", help="Also write a dynamic int8 model beside it (model.onnx -> model.int8.onnx).")
+    ] = False,
 ) -> None:
     """Export the student to ONNX: float32 NCHW RGB 112x112, (x-127.5)/127.5 in; raw embedding out."""
     from facedistill.export.onnx import export_onnx
     from facedistill.train.checkpoint import load_student
 
+    int8_path = None
     try:
         student, cfg = load_student(checkpoint)
         report = export_onnx(
@@ -193,11 +197,67 @@ def export(
             opset=opset,
             metadata={"facedistill.model": cfg["model"]["name"], "facedistill.method": cfg["method"]["name"]},
         )
+        if int8:
+            from facedistill.export.quantize import quantize_dynamic_int8, read_quantization_info
+
+            int8_path = quantize_dynamic_int8(report.path, report.path.with_suffix(".int8.onnx"))
+            quantization = read_quantization_info(int8_path) or {}
     except (ValueError, FileNotFoundError, OSError) as error:
         _fail(error)
     typer.echo(
         f"wrote {report.path} (opset {report.opset}); onnxruntime vs PyTorch max abs diff {report.max_abs_diff:.2e}"
     )
+    if int8_path is not None:
+        typer.echo(
+            f"wrote {int8_path} ({int8_path.stat().st_size / 1e6:.2f} MB, fp32 {report.path.stat().st_size / 1e6:.2f}"
+            f" MB): integer ops {quantization['quantized_ops']}, float compute ops left "
+            f"{quantization['float_compute_ops']}; min cosine to fp32 on random inputs "
+            f"{quantization.get('cosine_vs_fp32_random_min')} (evaluate on real pairs for the accuracy change)"
+        )
+
+
+@app.command()
+def latency(
+    checkpoint: Annotated[Path, typer.Argument(help="facedistill checkpoint (.pt).")],
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads of every backend (default: torch's).")] = None,
+    batch_sizes: Annotated[
+        list[int] | None, typer.Option("--batch-size", "-b", help="Batch size to time (repeatable; default 1 and 32).")
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="Timed calls per batch size and round.")] = 10,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds; the table shows their medians.")] = 3,
+    int8: Annotated[bool, typer.Option(help="Also time a dynamic int8 ONNX model.")] = True,
+    out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+) -> None:
+    """CPU latency at batch 1 and throughput at batch 32: PyTorch fp32, onnxruntime fp32 and int8."""
+    import tempfile
+
+    from facedistill.export.latency import compare_latency, latency_report_markdown
+    from facedistill.export.onnx import export_onnx
+    from facedistill.export.quantize import quantize_dynamic_int8
+    from facedistill.models.complexity import count_macs, count_parameters, format_count
+    from facedistill.train.checkpoint import load_student
+
+    try:
+        student, cfg = load_student(checkpoint)
+        with tempfile.TemporaryDirectory(prefix="facedistill-latency-") as work:
+            fp32 = export_onnx(student, Path(work) / "model.onnx", metadata={"facedistill.model": cfg["model"]["name"]})
+            candidates = {"PyTorch fp32": student, "ORT fp32": fp32.path}
+            if int8:
+                candidates["ORT int8 (dynamic)"] = quantize_dynamic_int8(fp32.path, Path(work) / "model.int8.onnx")
+            results = compare_latency(
+                candidates, rounds=rounds, batch_sizes=batch_sizes or [1, 32], repeats=repeats, threads=threads
+            )
+    except (ValueError, FileNotFoundError, OSError) as error:
+        _fail(error)
+    typer.echo(
+        f"{cfg['model']['name']} (embedding {cfg['model']['embedding_size']}): params "
+        f"{format_count(count_parameters(student))}, MACs {format_count(count_macs(student))} at 112x112; "
+        f"threads {results[0]['threads']}, medians of {rounds} interleaved rounds of {repeats} calls\n"
+    )
+    typer.echo(latency_report_markdown(results))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
 
 
 @app.command()

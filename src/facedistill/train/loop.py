@@ -399,6 +399,12 @@ def train(config: Config, resume: bool = False, progress: bool = True, stop_afte
     )
     payload = {**summary.to_dict(), **teacher_info, "model": model_profile(config)}
     (run_dir / "results.json").write_text(json.dumps(payload, indent=2))
+    from facedistill.eval.report import write_run_report
+
+    try:
+        write_run_report(run_dir)
+    except Exception as error:  # a finished run must not fail because its report could not be drawn
+        print(f"warning: run report not written: {error}")
     return summary
 
 
