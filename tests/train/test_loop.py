@@ -1,13 +1,11 @@
 import json
 
 import pytest
-import torch
 
 from facedistill.config import load_config
 from facedistill.data.datasets import ImageFolderDataset
 from facedistill.teachers.cache import build_teacher_cache
 from facedistill.train import loop as loop_module
-from facedistill.train.checkpoint import load_checkpoint
 from facedistill.train.loop import train
 from tests.helpers import ProjectionTeacher, make_face_folders
 
@@ -60,28 +58,6 @@ def test_arcface_run_writes_everything_a_user_expects(tmp_path, faces) -> None:
     assert results["steps"] == 6 and results["model"]["params"] > 0
     assert 0.0 <= summary.tests["syn"]["accuracy_mean"] <= 1.0
     assert summary.images_per_second > 0
-
-
-def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, faces) -> None:
-    train_dir, pairs = faces
-    uninterrupted = _config(tmp_path, train_dir, pairs, "full", "train.epochs=3", "train.export_onnx=false")
-    train(uninterrupted, progress=False)
-    interrupted = _config(
-        tmp_path,
-        train_dir,
-        pairs,
-        "resumed",
-        "train.epochs=3",
-        "train.export_onnx=false",
-    )
-    train(interrupted, progress=False, stop_after=4)  # as a crash right after a checkpoint would
-    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["step"] == 4
-    summary = train(interrupted, resume=True, progress=False)
-    assert summary.steps == 9
-    full = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
-    resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")["model"]
-    for key in full:
-        assert torch.equal(full[key], resumed[key]), key
 
 
 def test_margin_distillation_loss_falls(tmp_path, faces) -> None:

@@ -163,9 +163,8 @@ def prepare_method_context(
     return context, cache, info
 
 
-def train(config: Config, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> RunSummary:
-    """Run (or with ``resume`` continue) a training run; ``stop_after`` ends it early at that step, after writing a
-    checkpoint, without changing the schedule (how tests and benchmarks simulate an interruption)."""
+def train(config: Config, resume: bool = False, progress: bool = True) -> RunSummary:
+    """Run a training run, or with ``resume`` continue it from the run directory's last checkpoint."""
     started = time.perf_counter()
     run_dir = Path(config.run.output_dir)
     check_output_dir(run_dir)
@@ -273,8 +272,6 @@ def train(config: Config, resume: bool = False, progress: bool = True, stop_afte
             prefetch_factor=4 if config.data.num_workers else None,
         )
         tick = time.perf_counter()
-        if step == stop_after:
-            break
         for batch in loader:
             images, labels = batch.images, batch.labels
             mirrored = None
@@ -346,26 +343,13 @@ def train(config: Config, resume: bool = False, progress: bool = True, stop_afte
                     best_val = result.accuracy_mean
                     if config.train.select == "best_val":
                         save_checkpoint(checkpoint_state(), run_dir / BEST)
-            if step % config.train.checkpoint_every == 0 or step in (total_steps, stop_after):
+            if step % config.train.checkpoint_every == 0 or step == total_steps:
                 save_checkpoint(checkpoint_state(), run_dir / LAST)
-            if step >= total_steps or step == stop_after:
+            if step >= total_steps:
                 break
             tick = time.perf_counter()
     bar.close()
     logger.close()
-    if stop_after is not None and step < total_steps:
-        return RunSummary(
-            run_dir,
-            step,
-            step / steps_per_epoch,
-            time.perf_counter() - started,
-            train_seconds,
-            trained_images / max(train_seconds, 1e-9),
-            LAST,
-            validation,
-            {},
-            skipped,
-        )
     if skipped:
         print(f"warning: {skipped} unreadable training images were skipped (data.skip_bad_images=true)")
 
