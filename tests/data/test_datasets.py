@@ -60,3 +60,18 @@ def test_normalise_and_flip() -> None:
     assert mask.any() and not mask.all()
     assert flipped[mask][:, 0, 0].tolist() == [[255, 0]] * int(mask.sum())
     assert flipped[~mask][:, 0, 0].tolist() == [[0, 255]] * int((~mask).sum())
+
+
+def test_corrupt_record_names_the_record_and_skip_counts_it(folder, tmp_path) -> None:
+    dataset = ImageFolderDataset(folder)
+    samples = [(folder / rel, int(label)) for rel, label in zip(dataset.relative_paths, dataset.labels, strict=True)]
+    rec = pack_folder_to_recordio(samples, tmp_path / "rec", progress=False)
+    blob = bytearray(rec.read_bytes())
+    jpeg_start = blob.find(b"\xff\xd8\xff", blob.find(b"\xff\xd8\xff") + 1)  # the second image's JPEG
+    blob[jpeg_start : jpeg_start + 64] = b"\0" * 64
+    rec.write_bytes(bytes(blob))
+    with pytest.raises(ImageDecodeError, match="train.rec image #1"):
+        RecordDataset(rec)[1]
+    tolerant = RecordDataset(rec, skip_bad=True)
+    batch = collate_faces([tolerant[i] for i in range(4)])
+    assert batch.skipped == 1 and len(batch.labels) == 3
