@@ -33,6 +33,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from facedistill.data.verification import contiguous_folds as data_contiguous_folds
+
 __all__ = [
     "INSIGHTFACE_DIST_THRESHOLDS",
     "VerificationResult",
@@ -82,10 +84,9 @@ def contiguous_folds(num_pairs: int, n_folds: int = 10) -> np.ndarray:
     As in sklearn, the first ``num_pairs % n_folds`` folds get one extra pair.
     """
     if not 2 <= n_folds <= num_pairs:
+        # One fold would leave no other folds to choose its threshold on.
         raise ValueError(f"need 2 <= n_folds <= num_pairs, got n_folds={n_folds}, num_pairs={num_pairs}")
-    sizes = np.full(n_folds, num_pairs // n_folds, dtype=np.int64)
-    sizes[: num_pairs % n_folds] += 1
-    return np.repeat(np.arange(n_folds, dtype=np.int64), sizes)
+    return data_contiguous_folds(num_pairs, n_folds)
 
 
 def _as_folds(folds: np.ndarray | Sequence[int] | int | None, num_pairs: int) -> np.ndarray:
