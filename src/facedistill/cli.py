@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -329,9 +329,31 @@ def pack(
     typer.echo(f"packed {len(folder)} images of {folder.num_classes} identities into {out}")
 
 
+def parse_method_variant(entry: str) -> tuple[str, dict[str, Any]]:
+    """``"kd"`` -> ("kd", {}); ``"margin_distillation:m_max=0.4,clamp=false"`` -> (name, {m_max: 0.4, clamp: False})."""
+    import yaml
+
+    name, _, rest = entry.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip():
+            raise ValueError(f"--methods {entry!r}: expected NAME:key=value,key=value, got {item!r}")
+        options[key.strip()] = yaml.safe_load(value)
+    return name.strip(), options
+
+
 @app.command()
 def compare(
-    methods: Annotated[list[str], typer.Option("--methods", "-m", help="Methods to compare (repeatable).")],
+    methods: Annotated[
+        list[str],
+        typer.Option(
+            "--methods",
+            "-m",
+            help="Methods to compare (repeatable); NAME or NAME:key=value,key=value for a variant with its own "
+            "hyper-parameters, e.g. margin_distillation:embedding_weight=1.",
+        ),
+    ],
     data: Annotated[Path, typer.Option(help="Training set: identity folders or RecordIO.")],
     teacher: Annotated[str, typer.Option(help="sface, an .onnx file or a .pth checkpoint.")],
     pairs: Annotated[Path, typer.Option(help="Test pairs: LFW pairs.txt, .bin or TSV.")],
@@ -354,9 +376,11 @@ def compare(
         recipe = load_config(config, overrides or [])
         shared = {key: value for key, value in recipe.method.items() if key != "name"}
         specs = {}
-        for name in methods:
+        for entry in methods:
+            name, own = parse_method_variant(entry)
             known = {field.name for field in dataclasses.fields(METHODS.get(name).Params)}
-            specs[name] = {"method": {"name": name, **{k: v for k, v in shared.items() if k in known}}}
+            method = {"name": name, **{k: v for k, v in shared.items() if k in known}, **own}
+            specs[entry.replace(":", "+").replace(",", "+")] = {"method": method}
         base = recipe.to_dict()
         base.pop("method")
         rows, _ = compare_methods(out, data, create_teacher(teacher), pairs, images, specs, base)

@@ -15,16 +15,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from facedistill.config import Config, apply_overrides, from_dict
-from facedistill.data.datasets import FaceDataset, collate_faces, open_training_set
+from facedistill.config import Config, apply_overrides, from_dict, load_config
+from facedistill.data.datasets import collate_faces, open_training_set
 from facedistill.eval.metrics import VerificationResult, plot_roc
 from facedistill.eval.verify import Embedder, evaluate_pairs, load_pairs_set, student_embedder
 from facedistill.teachers.cache import build_teacher_cache, class_centres
 from facedistill.train.checkpoint import load_student
-from facedistill.train.loop import model_profile, train
+from facedistill.train.loop import RunSummary, model_profile, train
 
 
 @dataclass
@@ -70,9 +70,13 @@ def compare_methods(
     base_config: dict[str, Any],
     progress: bool = True,
     teacher_batch_size: int = 64,
+    angle_sample_size: int = 2048,
 ) -> tuple[list[Row], dict[str, Any]]:
     """Cache the teacher on ``train_data``, evaluate it, train one student per entry of ``methods`` (name ->
-    config overrides on top of ``base_config``) and evaluate each on ``test_pairs``."""
+    config overrides on top of ``base_config``) and evaluate each on ``test_pairs``.
+
+    Re-running into the same ``out_dir`` resumes: the teacher's test result is reused when teacher and pairs
+    match, and a student whose run finished with exactly the same resolved config is not trained again."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dataset = open_training_set(train_data)
@@ -87,10 +91,14 @@ def compare_methods(
     )
     cache_seconds = time.perf_counter() - started
     centres, _ = class_centres(cache, dataset.labels, dataset.num_classes)
-    teacher_angles = np.degrees(np.arccos(cache.typicality(centres, dataset.labels)[:, 0].clamp(-1, 1).numpy()))
+    # The histograms compare distributions, so a fixed seeded sample of the training set is enough for them.
+    angle_rows = np.sort(np.random.default_rng(0).permutation(len(dataset))[:angle_sample_size])
+    angle_sample = Subset(dataset, angle_rows.tolist())
+    all_teacher_angles = np.degrees(np.arccos(cache.typicality(centres, dataset.labels)[:, 0].clamp(-1, 1).numpy()))
+    teacher_angles = all_teacher_angles[angle_rows]
 
     test_set = load_pairs_set(test_pairs, test_images, name="test")
-    teacher_result, _ = evaluate_pairs(teacher.embed, test_set, progress=progress)
+    teacher_result = _teacher_result(out_dir, teacher, test_set, test_pairs, test_images, progress)
     results: dict[str, VerificationResult] = {"teacher": teacher_result}
     rows = [
         Row(
@@ -124,7 +132,7 @@ def compare_methods(
             }
         ]
         config = from_dict(Config, data)
-        summary = train(config, progress=progress)
+        summary = _finished_run(config) or train(config, progress=progress)
         test = summary.tests["test"]
         result = VerificationResult.from_dict(test)
         results[name] = result
@@ -144,7 +152,7 @@ def compare_methods(
         )
         report["students"][name] = {**summary.to_dict(), "model": profile, "config": config.to_dict()}
         student, _ = load_student(out_dir / name / summary.selected)
-        student_angles = angles_to_centres(student_embedder(student), dataset, centres, progress)
+        student_angles = angles_to_centres(student_embedder(student), angle_sample, centres, progress)
         plot_angle_histograms(
             {f"{name} student": student_angles, "teacher": teacher_angles},
             out_dir / f"angles_{name}.png",
@@ -161,8 +169,37 @@ def compare_methods(
     return rows, report
 
 
+def _teacher_result(
+    out_dir: Path, teacher: Any, test_set: Any, test_pairs: str | Path, test_images: str | Path | None, progress: bool
+) -> VerificationResult:
+    key = {"teacher": teacher.teacher_id, "pairs": str(test_pairs), "images": str(test_images)}
+    saved = out_dir / "teacher_test.json"
+    if saved.exists():
+        stored = json.loads(saved.read_text())
+        if stored.get("key") == key:
+            return VerificationResult.from_dict(stored["result"])
+    result, _ = evaluate_pairs(teacher.embed, test_set, progress=progress)
+    saved.write_text(json.dumps({"key": key, "result": result.to_dict()}, default=str))
+    return result
+
+
+def _finished_run(config: Config) -> RunSummary | None:
+    """The summary of a finished run in ``config.run.output_dir`` trained with this exact config, else None."""
+    run_dir = Path(config.run.output_dir)
+    results, saved_config = run_dir / "results.json", run_dir / "config.yaml"
+    if not (results.exists() and saved_config.exists()):
+        return None
+    if load_config(saved_config).to_dict() != config.to_dict():
+        return None
+    stored = json.loads(results.read_text())
+    if "test" not in stored.get("tests", {}):
+        return None
+    fields = {name: stored[name] for name in RunSummary.__dataclass_fields__ if name in stored}
+    return RunSummary(**{**fields, "run_dir": run_dir})
+
+
 def angles_to_centres(
-    embedder: Embedder, dataset: FaceDataset, centres: torch.Tensor, progress: bool = True, batch_size: int = 256
+    embedder: Embedder, dataset: Dataset, centres: torch.Tensor, progress: bool = True, batch_size: int = 256
 ) -> np.ndarray:
     """Angle in degrees between each training image's embedding and the (teacher) centre of its class."""
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_faces)

@@ -18,6 +18,11 @@ weaknesses (``official`` reproduces the reference exactly: ``clamp=False, normal
   the teacher cache, so the margin of an image no longer depends on batch size, batch composition or GPU count.
 - mirrored images get the teacher embedding of the mirror image (``teacher.mirror_rows`` in the training loop),
   which lets the student train with flip augmentation; the reference cannot, as it stores one embedding per image.
+
+A refinement of ours, off by default (``embedding_weight=0``): ``embedding_weight * mean_i (1 - cos(f_s,i, t_i))``
+added to the loss. The student already lives in the teacher's space (its classifier is the teacher's centres), so
+pulling each embedding towards the teacher's own embedding of the same image is consistent with the margin loss
+and gives a dense per-image signal where the margin loss only sees the class centre.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from facedistill.distill.base import DistillMethod, MethodContext, register_method
+from facedistill.distill.embedding import embedding_distance
 from facedistill.heads import MarginHead
 
 
@@ -40,6 +46,11 @@ class MarginDistillationParams:
     normaliser: Literal["batch", "dataset"] = "dataset"
     clamp: bool = True
     guard: bool = True
+    embedding_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.embedding_weight < 0:
+            raise ValueError(f"method.embedding_weight must be >= 0, got {self.embedding_weight}")
 
 
 def per_sample_margins(
@@ -104,4 +115,8 @@ class MarginDistillation(DistillMethod):
     ) -> dict[str, torch.Tensor]:
         assert teacher is not None
         margin = self.margins(teacher, labels)
-        return {"margin_arcface": F.cross_entropy(self.head(embeddings, labels, margin), labels)}
+        losses = {"margin_arcface": F.cross_entropy(self.head(embeddings, labels, margin), labels)}
+        if self.params.embedding_weight > 0:
+            distance = embedding_distance(embeddings, teacher, "cosine").mean()
+            losses["embedding"] = self.params.embedding_weight * distance
+        return losses

@@ -68,9 +68,19 @@ class _KeyedImages(Dataset):
         return to_chw_tensor(decode_image(data, source))
 
 
-def student_embedder(model: nn.Module, device: torch.device | str = "cpu", amp: str = "none") -> Embedder:
-    """Wrap a backbone: uint8 RGB -> (x - 127.5) / 127.5 -> raw embeddings (float32, on CPU)."""
+def student_embedder(
+    model: nn.Module, device: torch.device | str = "cpu", amp: str = "none", chunk_size: int | None = None
+) -> Embedder:
+    """Wrap a backbone: uint8 RGB -> (x - 127.5) / 127.5 -> raw embeddings (float32, on CPU).
+
+    On CPU the batch runs through the model in chunks of ``chunk_size`` (default 16): MobileFaceNet's activations
+    at batch 256 overflow the CPU caches and run about 2x slower per image than at batch 16. Each image's
+    embedding does not depend on its batch-mates in eval mode, so chunking changes nothing but speed."""
     device = torch.device(device)
+    if chunk_size is None:
+        chunk_size = 16 if device.type == "cpu" else 1 << 30
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     channels_last = (
         next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
@@ -84,7 +94,7 @@ def student_embedder(model: nn.Module, device: torch.device | str = "cpu", amp: 
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return model(batch).float().cpu()
+            return torch.cat([model(chunk).float().cpu() for chunk in batch.split(chunk_size)])
 
     return embed
 
