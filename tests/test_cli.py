@@ -4,7 +4,7 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from facedistill.cli import app
+from facedistill.cli import app, parse_method_variant
 from facedistill.demo import SyntheticSetup, run_demo
 from tests.helpers import make_face_folders
 
@@ -74,7 +74,7 @@ def test_cli_errors_are_one_clear_line(tmp_path) -> None:
     assert result.exit_code == 2 and "nope.pt does not exist" in result.output
 
 
-def test_demo_runs_the_whole_pipeline_on_generated_faces(tmp_path) -> None:
+def test_demo_runs_the_whole_pipeline_on_generated_faces(tmp_path, monkeypatch) -> None:
     setup = SyntheticSetup(
         train_identities=5,
         images_per_identity=4,
@@ -96,6 +96,23 @@ def test_demo_runs_the_whole_pipeline_on_generated_faces(tmp_path) -> None:
     student = json.loads((compare / "margin_distillation" / "results.json").read_text())
     assert student["centres"] == "head"
     assert (compare / "margin_distillation" / "model.onnx").exists()
+
+    # Running it again resumes: finished students and the teacher's test result are reused, nothing retrains.
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished student was trained again")
+
+    monkeypatch.setattr("facedistill.pipeline.train", no_training)
+    monkeypatch.setattr("facedistill.pipeline.evaluate_pairs", no_training)
+    assert run_demo(tmp_path, setup=setup, progress=False) == table
+
+
+def test_method_variants_parse_into_their_own_hyper_parameters() -> None:
+    assert parse_method_variant("kd") == ("kd", {})
+    name, options = parse_method_variant("margin_distillation:embedding_weight=1,clamp=false,normaliser=batch")
+    assert name == "margin_distillation"
+    assert options == {"embedding_weight": 1, "clamp": False, "normaliser": "batch"}
+    with pytest.raises(ValueError, match="expected NAME:key=value"):
+        parse_method_variant("kd:temperature")
 
 
 def test_align_lists_faceless_images_and_centre_crops_them(tmp_path) -> None:

@@ -67,6 +67,22 @@ def test_loss_equals_hand_built_arcface_with_per_sample_margins() -> None:
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
+def test_embedding_weight_adds_the_cosine_distance_to_the_teacher() -> None:
+    torch.manual_seed(1)
+    centres = F.normalize(torch.randn(5, 8), dim=1)
+    typicality = torch.tensor([[0.9, 0.85]])
+    student, teacher, labels = torch.randn(4, 8), torch.randn(4, 8), torch.tensor([0, 1, 2, 3])
+    plain = create_method({"name": "margin_distillation"}, _context(centres, typicality))(student, labels, teacher)
+    assert set(plain) == {"margin_arcface"}
+    spec = {"name": "margin_distillation", "embedding_weight": 0.5}
+    both = create_method(spec, _context(centres, typicality))(student, labels, teacher)
+    cosine = (F.normalize(student, dim=1) * F.normalize(teacher, dim=1)).sum(1)
+    assert both["embedding"].item() == pytest.approx(0.5 * (1 - cosine).mean().item(), rel=1e-5)
+    assert both["margin_arcface"].item() == pytest.approx(plain["margin_arcface"].item())
+    with pytest.raises(ValueError, match="embedding_weight must be >= 0"):
+        create_method({**spec, "embedding_weight": -1.0}, _context(centres, typicality))
+
+
 def test_centres_are_frozen_and_sizes_checked() -> None:
     centres = F.normalize(torch.randn(3, 4), dim=1)
     method = create_method({"name": "margin_distillation", "normaliser": "batch"}, _context(centres))

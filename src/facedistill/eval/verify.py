@@ -82,11 +82,10 @@ def student_embedder(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    channels_last = (
-        next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
-        if any(p.dim() == 4 for p in model.parameters())
-        else False
-    )
+    # Convolutional nets run markedly faster in channels_last on CPU and on GPU; a no-op for a model trained so.
+    channels_last = any(p.dim() == 4 for p in model.parameters())
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def embed(images: torch.Tensor) -> torch.Tensor:
