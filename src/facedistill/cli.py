@@ -32,7 +32,10 @@ def train(
     overrides: SetOption = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run directory's last checkpoint.")] = False,
 ) -> None:
-    """Train a student with the method of the config (arcface, margin_distillation, ...)."""
+    """Train a student with the method of the config (arcface, margin_distillation, ...); under torchrun on
+    several processes (see README, "Multi-GPU and multi-node")."""
+    import os
+
     from facedistill.config import ConfigError, load_config
     from facedistill.train.loop import train as run_training
 
@@ -41,7 +44,9 @@ def train(
         summary = run_training(cfg, resume=resume)
     except (ConfigError, ValueError, FileNotFoundError, OSError) as error:
         _fail(error)
-    typer.echo(json.dumps(summary.to_dict(), indent=2, default=str))
+    # Under torchrun only rank 0 has the test results; one summary is enough.
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(json.dumps(summary.to_dict(), indent=2, default=str))
 
 
 @app.command()
@@ -89,6 +94,25 @@ def cache_teacher(
     except (ValueError, FileNotFoundError, OSError) as error:
         _fail(error)
     typer.echo(f"cached {cache.num_images} images x 2 views of {cache.teacher_id} in {out}")
+
+
+@app.command("cache-images")
+def cache_images(
+    data: Annotated[Path, typer.Argument(help="Training set: identity folders or RecordIO.")],
+    out: Annotated[Path, typer.Argument(help="Cache directory; train with --set data.decoded_cache=OUT.")],
+    workers: int = 4,
+    skip_bad: Annotated[bool, typer.Option(help="Record unreadable images as skipped rows.")] = False,
+    overwrite: bool = False,
+) -> None:
+    """Decode every training image once into a uint8 memory map (37.6 KB an image; resumable)."""
+    from facedistill.data.datasets import open_training_set
+    from facedistill.data.decoded_cache import build_decoded_cache
+
+    try:
+        cache = build_decoded_cache(open_training_set(data, skip_bad), out, num_workers=workers, overwrite=overwrite)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        _fail(error)
+    typer.echo(f"decoded {len(cache)} images of {cache.num_classes} identities into {out}")
 
 
 @app.command("eval")

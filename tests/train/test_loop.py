@@ -145,3 +145,17 @@ def test_pair_based_methods_refuse_random_batches(tmp_path, faces) -> None:
     for method in ("triplet", "ekd"):
         with pytest.raises(ValueError, match="set data.sampler=identity_balanced"):
             train(_config(tmp_path, train_dir, pairs, method, f"method.name={method}"), progress=False)
+
+
+def test_decoded_cache_trains_exactly_like_the_image_files(tmp_path, faces) -> None:
+    import torch
+
+    train_dir, pairs = faces
+    common = ["train.max_steps=2", "train.export_onnx=false", "eval.tests=[]"]
+    train(_config(tmp_path, train_dir, pairs, "files", *common), progress=False)
+    train(_config(tmp_path, train_dir, pairs, "cached", *common, f"data.decoded_cache={tmp_path / 'dec'}"), False)
+    assert (tmp_path / "dec" / "manifest.json").exists()
+    files = torch.load(tmp_path / "files" / "last.pt", weights_only=True)["model"]
+    cached = torch.load(tmp_path / "cached" / "last.pt", weights_only=True)["model"]
+    for key, value in files.items():
+        assert torch.equal(value, cached[key]), key

@@ -117,14 +117,25 @@ class RecordDataset(FaceDataset):
         return "recordio:" + digest.hexdigest()[:24]
 
 
-def open_training_set(path: str | Path, skip_bad: bool = False) -> FaceDataset:
-    """A folder of identity folders, a ``.rec`` file, or a folder holding ``train.rec``."""
+def open_training_set(path: str | Path, skip_bad: bool = False, decoded_cache: str | Path | None = None) -> FaceDataset:
+    """A folder of identity folders, a ``.rec`` file, or a folder holding ``train.rec``.
+
+    With ``decoded_cache`` (a directory) the images are served already decoded from that cache, which is built
+    there first when missing or unfinished (``facedistill.data.decoded_cache``).
+    """
     path = Path(path)
+    dataset: FaceDataset
     if path.suffix == ".rec":
-        return RecordDataset(path, skip_bad)
-    if (path / "train.rec").exists():
-        return RecordDataset(path / "train.rec", skip_bad)
-    return ImageFolderDataset(path, skip_bad)
+        dataset = RecordDataset(path, skip_bad)
+    elif (path / "train.rec").exists():
+        dataset = RecordDataset(path / "train.rec", skip_bad)
+    else:
+        dataset = ImageFolderDataset(path, skip_bad)
+    if decoded_cache is None:
+        return dataset
+    from facedistill.data.decoded_cache import open_decoded_cache
+
+    return open_decoded_cache(dataset, decoded_cache)
 
 
 class Batch:

@@ -52,14 +52,26 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
 
 
 def random_horizontal_flip(
-    images: torch.Tensor, generator: torch.Generator, p: float = 0.5
+    images: torch.Tensor,
+    generator: torch.Generator,
+    p: float = 0.5,
+    *,
+    global_batch: int | None = None,
+    offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mirror a random subset of a uint8 batch; return the batch and the boolean flip mask.
 
     The flip happens on the batch, not in the dataset, so the mask is known to the training loop: it selects the
     teacher's cached mirror-image embedding for exactly the images the student sees mirrored.
+
+    ``images`` may be rows ``[offset, offset + len(images))`` of a larger batch of ``global_batch`` images (one
+    process's share): the mask is then drawn for the whole batch and sliced, so every image flips as it would if
+    one process took the whole batch.
     """
-    flipped = torch.rand(images.shape[0], generator=generator) < p
+    total = images.shape[0] if global_batch is None else global_batch
+    if offset < 0 or offset + images.shape[0] > total:
+        raise ValueError(f"rows [{offset}, {offset + images.shape[0]}) are not inside a batch of {total}")
+    flipped = (torch.rand(total, generator=generator) < p)[offset : offset + images.shape[0]]
     if flipped.any():
         images = images.clone()
         images[flipped] = images[flipped].flip(-1)

@@ -19,10 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from facedistill.distill.arcdistill import check_margin_loss, check_positive, margin_head
-from facedistill.distill.base import DistillMethod, MethodContext, register_method
+from facedistill.distill.base import DistillMethod, MethodContext, margin_cross_entropy, register_method
 from facedistill.distill.embedding import embedding_distance
 
 
@@ -40,6 +39,7 @@ class AngularParams:
 @register_method
 class AngularDistillation(DistillMethod):
     name = "angular"
+    shards_head = True
     Params = AngularParams
 
     def __init__(self, params: AngularParams, context: MethodContext) -> None:
@@ -51,6 +51,6 @@ class AngularDistillation(DistillMethod):
     ) -> dict[str, torch.Tensor]:
         assert teacher is not None
         return {
-            "arcface": F.cross_entropy(self.head(embeddings, labels), labels),
+            "arcface": margin_cross_entropy(self.head, embeddings, labels),
             "angular": self.params.alpha * embedding_distance(embeddings, teacher, "cosine").mean(),
         }

@@ -22,11 +22,17 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from facedistill.config import ConfigError
-from facedistill.distill.base import DistillMethod, MethodContext, register_method
+from facedistill.distill.base import (
+    DistillMethod,
+    MethodContext,
+    build_margin_head,
+    margin_cross_entropy,
+    register_method,
+)
 from facedistill.heads import MarginHead
+from facedistill.heads.sharded import ShardedMarginHead
 
 DEFAULT_MARGINS = {"arc": 0.5, "cos": 0.35}
 
@@ -51,7 +57,7 @@ def margin_head(
     margin: float | None,
     head: Literal["frozen", "learnable"] = "frozen",
     variant: Literal["arc", "cos"] = "arc",
-) -> MarginHead:
+) -> MarginHead | ShardedMarginHead:
     """ArcFace (``arc``) or CosFace (``cos``) head; ``frozen`` uses the teacher's centres, ``learnable`` starts
     from small random centres like the ArcFace baseline."""
     margin = DEFAULT_MARGINS[variant] if margin is None else margin
@@ -59,10 +65,8 @@ def margin_head(
     if head == "frozen":
         if context.centres is None:
             raise ValueError("method.head=frozen needs the teacher's class centres (set teacher.cache)")
-        return MarginHead(
-            context.num_classes, context.embedding_size, scale, 1.0, m2, m3, learnable=False, centres=context.centres
-        )
-    return MarginHead(context.num_classes, context.embedding_size, scale, 1.0, m2, m3)
+        return build_margin_head(context, scale, 1.0, m2, m3, learnable=False, centres=context.centres)
+    return build_margin_head(context, scale, 1.0, m2, m3)
 
 
 def loss_name(variant: Literal["arc", "cos"]) -> str:
@@ -83,6 +87,7 @@ class ArcDistillParams:
 @register_method
 class ArcDistill(DistillMethod):
     name = "arcdistill"
+    shards_head = True
     Params = ArcDistillParams
 
     def __init__(self, params: ArcDistillParams, context: MethodContext) -> None:
@@ -92,4 +97,4 @@ class ArcDistill(DistillMethod):
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
-        return {loss_name(self.params.variant): F.cross_entropy(self.head(embeddings, labels), labels)}
+        return {loss_name(self.params.variant): margin_cross_entropy(self.head, embeddings, labels)}

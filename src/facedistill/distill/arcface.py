@@ -8,10 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from facedistill.distill.base import DistillMethod, MethodContext, register_method
-from facedistill.heads import MarginHead
+from facedistill.distill.base import (
+    DistillMethod,
+    MethodContext,
+    build_margin_head,
+    margin_cross_entropy,
+    register_method,
+)
 
 
 @dataclass
@@ -26,15 +30,14 @@ class ArcFaceParams:
 class ArcFace(DistillMethod):
     name = "arcface"
     needs_teacher = False
+    shards_head = True
     Params = ArcFaceParams
 
     def __init__(self, params: ArcFaceParams, context: MethodContext) -> None:
         super().__init__(params, context)
-        self.head = MarginHead(
-            context.num_classes, context.embedding_size, params.scale, params.m1, params.margin, params.m3
-        )
+        self.head = build_margin_head(context, params.scale, params.m1, params.margin, params.m3)
 
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
-        return {"arcface": F.cross_entropy(self.head(embeddings, labels), labels)}
+        return {"arcface": margin_cross_entropy(self.head, embeddings, labels)}

@@ -12,9 +12,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from facedistill.config import from_dict
+from facedistill.heads import MarginHead
+from facedistill.heads.sharded import ShardedMarginHead
 from facedistill.registry import Registry
 
 
@@ -29,6 +32,9 @@ class MethodContext:
     # cos(teacher embedding, its class centre) for every cached image and its mirror, [N, 2].
     typicality: torch.Tensor | None = None
     steps_per_epoch: int = 1
+    # Several processes (torchrun) and a method whose head only scores the margin loss: build ShardedMarginHead,
+    # the class centres split over the ranks (set by the training loop, from ``DistillMethod.shards_head``).
+    shard_heads: bool = False
 
 
 class DistillMethod(nn.Module):
@@ -36,6 +42,10 @@ class DistillMethod(nn.Module):
     needs_teacher: ClassVar[bool] = True
     # Pair-based losses (triplet, EKD) need several images per identity in a batch: data.sampler=identity_balanced.
     needs_identity_balanced_batches: ClassVar[bool] = False
+    # Its head is used only through ``margin_cross_entropy`` (never its logits or weights), so with several
+    # processes it may be a ShardedMarginHead; methods that read the full logits or move the centres keep a full,
+    # frozen head on every rank.
+    shards_head: ClassVar[bool] = False
     Params: ClassVar[type]
 
     def __init__(self, params: Any, context: MethodContext) -> None:
@@ -50,6 +60,48 @@ class DistillMethod(nn.Module):
 
     def set_progress(self, step: int, epoch: float) -> None:
         """Called before every step, for methods with warm-ups or moving statistics."""
+
+
+def build_margin_head(
+    context: MethodContext,
+    scale: float,
+    m1: float,
+    m2: float,
+    m3: float,
+    learnable: bool = True,
+    centres: torch.Tensor | None = None,
+) -> MarginHead | ShardedMarginHead:
+    """``MarginHead``, or with ``context.shard_heads`` its sharded twin holding this rank's block of centres."""
+    if not context.shard_heads:
+        return MarginHead(context.num_classes, context.embedding_size, scale, m1, m2, m3, learnable, centres)
+    if centres is None and learnable:
+        # Drawn in full, as MarginHead draws them, then sliced: the run starts from the centres one process would,
+        # and consumes the same random numbers.
+        centres = torch.randn(context.num_classes, context.embedding_size) * 0.01
+    return ShardedMarginHead(
+        context.num_classes,
+        context.embedding_size,
+        scale,
+        m1,
+        m2,
+        m3,
+        learnable,
+        centres,
+        # The backbone is under DDP, which averages what the sharded head already made exact per rank.
+        undo_ddp_average=True,
+    )
+
+
+def margin_cross_entropy(
+    head: MarginHead | ShardedMarginHead,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    margin: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean margin cross-entropy of the batch (of the global batch for a sharded head, which returns the loss)."""
+    if isinstance(head, ShardedMarginHead):
+        return head(embeddings, labels, margin)
+    return F.cross_entropy(head(embeddings, labels, margin), labels)
 
 
 METHODS = Registry[type[DistillMethod]]("method")

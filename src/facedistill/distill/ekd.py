@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from facedistill.config import ConfigError
 from facedistill.distill.arcdistill import check_margin_loss, check_positive, margin_head
-from facedistill.distill.base import DistillMethod, MethodContext, register_method
+from facedistill.distill.base import DistillMethod, MethodContext, margin_cross_entropy, register_method
 
 # Guards floor(f * n) against f * n landing just below an integer in floating point (e.g. 0.1 * 30).
 _FLOOR_SLACK = 1e-9
@@ -107,6 +107,7 @@ class EKDParams:
 class EKD(DistillMethod):
     name = "ekd"
     needs_identity_balanced_batches = True
+    shards_head = True
     Params = EKDParams
 
     def __init__(self, params: EKDParams, context: MethodContext) -> None:
@@ -164,7 +165,7 @@ class EKD(DistillMethod):
             student_neg[hardest], teacher_neg[hardest], student_tau, teacher_tau, p.temperature
         )
         return {
-            "arcface": F.cross_entropy(self.head(embeddings, labels), labels),
+            "arcface": margin_cross_entropy(self.head, embeddings, labels),
             "ekd_positive": p.positive_weight * positive_loss,
             "ekd_negative": p.negative_weight * negative_loss,
         }

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from facedistill.distill.arcdistill import check_margin_loss, check_positive, margin_head
-from facedistill.distill.base import DistillMethod, MethodContext, register_method
+from facedistill.distill.base import DistillMethod, MethodContext, margin_cross_entropy, register_method
 
 
 def embedding_distance(student: torch.Tensor, teacher: torch.Tensor, kind: Literal["l2", "cosine"]) -> torch.Tensor:
@@ -52,6 +52,7 @@ class EmbeddingParams:
 @register_method
 class EmbeddingDistillation(DistillMethod):
     name = "embedding"
+    shards_head = True
     Params = EmbeddingParams
 
     def __init__(self, params: EmbeddingParams, context: MethodContext) -> None:
@@ -64,6 +65,6 @@ class EmbeddingDistillation(DistillMethod):
         assert teacher is not None
         distance = embedding_distance(embeddings, teacher, self.params.loss).mean()
         return {
-            "arcface": F.cross_entropy(self.head(embeddings, labels), labels),
+            "arcface": margin_cross_entropy(self.head, embeddings, labels),
             "embedding": self.params.weight * distance,
         }

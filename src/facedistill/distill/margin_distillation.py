@@ -31,11 +31,18 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from facedistill.distill.base import DistillMethod, MethodContext, register_method
+from facedistill.distill.base import (
+    DistillMethod,
+    MethodContext,
+    build_margin_head,
+    margin_cross_entropy,
+    register_method,
+)
 from facedistill.distill.embedding import embedding_distance
-from facedistill.heads import MarginHead
+from facedistill.heads.sharded import ShardedMarginHead
 
 
 @dataclass
@@ -76,6 +83,7 @@ def per_sample_margins(
 @register_method
 class MarginDistillation(DistillMethod):
     name = "margin_distillation"
+    shards_head = True
     Params = MarginDistillationParams
 
     def __init__(self, params: MarginDistillationParams, context: MethodContext) -> None:
@@ -83,13 +91,8 @@ class MarginDistillation(DistillMethod):
         if not 0.0 <= params.m_min <= params.m_max:
             raise ValueError(f"method: need 0 <= m_min <= m_max, got m_min={params.m_min}, m_max={params.m_max}")
         assert context.centres is not None
-        self.head = MarginHead(
-            context.num_classes,
-            context.embedding_size,
-            params.scale,
-            m2=params.m_min,
-            learnable=False,
-            centres=context.centres,
+        self.head = build_margin_head(
+            context, params.scale, 1.0, params.m_min, 0.0, learnable=False, centres=context.centres
         )
         dataset_max = None
         if params.normaliser == "dataset":
@@ -99,13 +102,21 @@ class MarginDistillation(DistillMethod):
         self.register_buffer("dataset_max", dataset_max, persistent=False)
 
     def margins(self, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        centres = self.head.weight[labels]
-        typicality = (F.normalize(teacher.float(), dim=1) * centres).sum(dim=1)
+        normaliser = self.dataset_max
+        if isinstance(self.head, ShardedMarginHead):
+            # This rank holds only some centres; and "batch" means the global batch, as on one process.
+            typicality = self.head.true_class_cosine(teacher, labels)
+            if normaliser is None and self.head.distributed:
+                normaliser = typicality.max()
+                dist.all_reduce(normaliser, op=dist.ReduceOp.MAX, group=self.head.group)
+        else:
+            centres = self.head.weight[labels]
+            typicality = (F.normalize(teacher.float(), dim=1) * centres).sum(dim=1)
         return per_sample_margins(
             typicality,
             self.params.m_min,
             self.params.m_max,
-            self.dataset_max,
+            normaliser,
             self.params.clamp,
             self.params.guard,
         )
@@ -115,7 +126,7 @@ class MarginDistillation(DistillMethod):
     ) -> dict[str, torch.Tensor]:
         assert teacher is not None
         margin = self.margins(teacher, labels)
-        losses = {"margin_arcface": F.cross_entropy(self.head(embeddings, labels, margin), labels)}
+        losses = {"margin_arcface": margin_cross_entropy(self.head, embeddings, labels, margin)}
         if self.params.embedding_weight > 0:
             distance = embedding_distance(embeddings, teacher, "cosine").mean()
             losses["embedding"] = self.params.embedding_weight * distance

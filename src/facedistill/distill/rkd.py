@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from facedistill.distill.arcdistill import check_margin_loss, check_positive, margin_head
-from facedistill.distill.base import DistillMethod, MethodContext, register_method
+from facedistill.distill.base import DistillMethod, MethodContext, margin_cross_entropy, register_method
 
 PDIST_EPS = 1e-12
 
@@ -80,6 +80,7 @@ class RKDParams:
 @register_method
 class RKD(DistillMethod):
     name = "rkd"
+    shards_head = True
     Params = RKDParams
 
     def __init__(self, params: RKDParams, context: MethodContext) -> None:
@@ -96,7 +97,7 @@ class RKD(DistillMethod):
         if self.params.normalize:
             student, target = F.normalize(student, dim=1), F.normalize(target, dim=1)
         return {
-            "arcface": F.cross_entropy(self.head(embeddings, labels), labels),
+            "arcface": margin_cross_entropy(self.head, embeddings, labels),
             "rkd_distance": self.params.distance_weight * rkd_distance(student, target),
             "rkd_angle": self.params.angle_weight * rkd_angle(student, target),
         }

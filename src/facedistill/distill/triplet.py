@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from facedistill.config import ConfigError
 from facedistill.distill.arcdistill import check_margin_loss, check_positive, margin_head
-from facedistill.distill.base import DistillMethod, MethodContext, register_method
+from facedistill.distill.base import DistillMethod, MethodContext, margin_cross_entropy, register_method
 from facedistill.heads.margin import COS_EPS
 
 
@@ -125,6 +125,7 @@ class TripletParams:
 class TripletDistillation(DistillMethod):
     name = "triplet"
     needs_identity_balanced_batches = True
+    shards_head = True
     Params = TripletParams
 
     def __init__(self, params: TripletParams, context: MethodContext) -> None:
@@ -141,5 +142,5 @@ class TripletDistillation(DistillMethod):
             * triplet_distillation(embeddings, teacher, labels, p.m_min, p.m_max, p.distance, p.mining)
         }
         if p.arcface_weight > 0:
-            terms["arcface"] = p.arcface_weight * F.cross_entropy(self.head(embeddings, labels), labels)
+            terms["arcface"] = p.arcface_weight * margin_cross_entropy(self.head, embeddings, labels)
         return terms

@@ -4,6 +4,9 @@ Read it top to bottom: set up the run directory, data, teacher cache and centres
 then iterate steps (flip, cached teacher rows, forward, method losses, backward, schedule); validate on a
 declared validation set, checkpoint atomically, and at the end evaluate the reported model on the test sets and
 export it to ONNX.
+
+Under ``torchrun`` every process runs this same loop on its slice of each global batch (see
+``facedistill.train.distributed``); rank 0 alone logs, validates, writes checkpoints, evaluates and exports.
 """
 
 from __future__ import annotations
@@ -27,9 +30,25 @@ from facedistill.data.datasets import FaceDataset, collate_faces, open_training_
 from facedistill.data.images import normalise, random_horizontal_flip
 from facedistill.data.samplers import IdentityBalancedSampler
 from facedistill.distill import METHODS, MethodContext, create_method
+from facedistill.heads.sharded import clip_grad_norm_sharded_
 from facedistill.models import create_model
 from facedistill.teachers.cache import TeacherCache, class_centres
 from facedistill.train.checkpoint import load_checkpoint, save_checkpoint
+from facedistill.train.distributed import (
+    Distributed,
+    check_replicated_parameters,
+    checkpointed_bytes,
+    ddp,
+    gather_training_state,
+    init_distributed,
+    local_batch_size,
+    local_indices,
+    pad_batch,
+    shard_training_state,
+    sharded_heads,
+    sync_overflow_,
+    wrap_backbone,
+)
 from facedistill.train.logging import RunLogger
 from facedistill.train.optim import build_optimizer, build_scheduler
 
@@ -127,11 +146,17 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def prepare_method_context(
-    config: Config, dataset: FaceDataset, steps_per_epoch: int
+    config: Config, dataset: FaceDataset, steps_per_epoch: int, world_size: int = 1
 ) -> tuple[MethodContext, TeacherCache | None, dict[str, Any]]:
-    """Load and check the teacher cache and centres for methods that need them."""
+    """Load and check the teacher cache and centres for methods that need them. Every rank reads the whole cache,
+    so the centres, typicalities and MarginDistillation's dataset normaliser are the same on all of them."""
     method_cls = METHODS.get(config.method["name"])
-    context = MethodContext(dataset.num_classes, config.model.embedding_size, steps_per_epoch=steps_per_epoch)
+    context = MethodContext(
+        dataset.num_classes,
+        config.model.embedding_size,
+        steps_per_epoch=steps_per_epoch,
+        shard_heads=world_size > 1 and method_cls.shards_head,
+    )
     if not method_cls.needs_teacher:
         return context, None, {}
     if not config.teacher.cache:
@@ -164,18 +189,32 @@ def prepare_method_context(
 
 
 def train(config: Config, resume: bool = False, progress: bool = True) -> RunSummary:
-    """Run a training run, or with ``resume`` continue it from the run directory's last checkpoint."""
+    """Run a training run, or with ``resume`` continue it from the run directory's last checkpoint.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1), or inside a process group the caller initialised, every process calls
+    this; each returns the summary, with the test results on rank 0 only.
+    """
+    env, device = init_distributed(resolve_device(config.run.device))
+    try:
+        return _train(config, resume, progress, env, device)
+    finally:
+        env.close()
+
+
+def _train(config: Config, resume: bool, progress: bool, env: Distributed, device: torch.device) -> RunSummary:
     started = time.perf_counter()
     run_dir = Path(config.run.output_dir)
-    check_output_dir(run_dir)
-    save_config(config, run_dir / "config.yaml")
-    device = resolve_device(config.run.device)
+    if env.is_main:
+        check_output_dir(run_dir)
+        save_config(config, run_dir / "config.yaml")
     amp_dtype = resolve_amp(config.train.amp, device)
     seed_everything(config.run.seed)
 
     # Data, teacher cache and the method's context.
-    dataset = open_training_set(config.data.train, config.data.skip_bad_images)
+    dataset = open_training_set(config.data.train, config.data.skip_bad_images, config.data.decoded_cache)
     batch_size = config.data.batch_size
+    # Every rank draws the same global batch of batch_size images and trains on its contiguous share of it.
+    rank_batch = local_batch_size(batch_size, env.world_size)
     steps_per_epoch = len(dataset) // batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{config.data.train}: {len(dataset)} images are fewer than one batch of {batch_size}")
@@ -191,46 +230,74 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> RunSum
         )
     if config.data.sampler == "identity_balanced":
         balanced = IdentityBalancedSampler(dataset.labels, batch_size, config.data.images_per_identity, config.run.seed)
-    context, cache, teacher_info = prepare_method_context(config, dataset, steps_per_epoch)
+        if rank_batch % config.data.images_per_identity:
+            raise ValueError(
+                f"each of the {env.world_size} processes takes {rank_batch} images of a batch, not a multiple of "
+                f"data.images_per_identity={config.data.images_per_identity}: an identity's images would be split "
+                "between processes; change data.batch_size"
+            )
+    context, cache, teacher_info = prepare_method_context(config, dataset, steps_per_epoch, env.world_size)
     val_set = None
-    if config.data.val_pairs:
+    if config.data.val_pairs and env.is_main:
         from facedistill.eval.verify import load_pairs_set
 
         val_set = load_pairs_set(config.data.val_pairs, config.data.val_images, name="val")
 
-    # Student, method (with its head), optimiser, schedule, mixed precision.
+    # Student, method (with its head), optimiser, schedule, mixed precision. Seeded again here because preparing
+    # the data may have drawn from the global generator (a DataLoader building a cache draws its base seed), and
+    # the initial weights must not depend on whether a cache was built in this run.
+    seed_everything(config.run.seed)
     model = create_model(config.model.name, embedding_size=config.model.embedding_size).to(device)
     memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
+    model, synced_batchnorm = wrap_backbone(model, env, device, config.train.sync_batchnorm)
     method = create_method(config.method, context).to(device)
+    heads = sharded_heads(method)
+    if env.enabled:
+        check_replicated_parameters(method, config.method["name"])
     optimizer = build_optimizer([model, method], config.optim)
     scheduler = build_scheduler(optimizer, total_steps, steps_per_epoch, config.schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    forward = torch.compile(model) if config.train.compile else model
-    # A checkpoint holds the weights plus up to two optimiser moments per weight; keep room for two of them.
-    weight_bytes = sum(
-        t.numel() * t.element_size() for t in [*model.state_dict().values(), *method.state_dict().values()]
-    )
-    check_output_dir(run_dir, needed_bytes=2 * 3 * weight_bytes)
+    sharded_params = [head.weight for head in heads.values() if head.learnable]
+    replicated_params = [
+        p for group in optimizer.param_groups for p in group["params"] if all(p is not q for q in sharded_params)
+    ]
+    if env.is_main:
+        # A checkpoint holds the weights plus up to two optimiser moments per weight; keep room for two of them.
+        weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        check_output_dir(run_dir, needed_bytes=2 * 3 * (weight_bytes + checkpointed_bytes(method)))
 
     step, best_val, skipped = 0, -1.0, 0
-    if resume and (run_dir / LAST).exists():
-        state = load_checkpoint(run_dir / LAST, device)
+    # Rank 0 decides, so that no rank resumes while another starts afresh.
+    if env.broadcast_flag(resume and env.is_main and (run_dir / LAST).exists(), device):
+        # Whole tensors on the CPU first: each rank keeps only its shard of the head on its device.
+        state = load_checkpoint(run_dir / LAST, "cpu" if env.enabled else device)
+        method_state, optimizer_state = shard_training_state(method, optimizer, state["method"], state["optimizer"])
         model.load_state_dict(state["model"])
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
+        method.load_state_dict(method_state)
+        optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         step, best_val, skipped = state["step"], state["best_val"], state["skipped"]
         torch.set_rng_state(state["rng"])
+    # After loading: DDP starts every rank from rank 0's weights, which are then the checkpoint's.
+    wrapped = ddp(model, device) if env.enabled else model
+    forward = torch.compile(wrapped) if config.train.compile else wrapped
 
-    def checkpoint_state() -> dict[str, Any]:
+    def checkpoint_state() -> dict[str, Any] | None:
+        """The checkpoint, whole (collective with several processes; None on ranks other than 0)."""
+        gathered = gather_training_state(method, optimizer, env)
+        if gathered is None:
+            return None
+        method_state, optimizer_state = gathered
         head = getattr(method, "head", None)
+        # The whole head for a teacher-style "head" entry: the gathered one when it is sharded.
+        head_weight = method_state["head.weight"] if "head" in heads else head.weight if head is not None else None
         return {
             "model": model.state_dict(),
-            "method": method.state_dict(),
-            "head": {"weight": head.weight.detach().cpu()} if head is not None else {},
-            "optimizer": optimizer.state_dict(),
+            "method": method_state,
+            "head": {"weight": head_weight.detach().cpu()} if head_weight is not None else {},
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
             "step": step,
@@ -240,7 +307,12 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> RunSum
             "config": config.to_dict(),
         }
 
-    logger = RunLogger(run_dir)
+    def save(path: Path) -> None:
+        state = checkpoint_state()
+        if state is not None:
+            save_checkpoint(state, path)
+
+    logger = RunLogger(run_dir, enabled=env.is_main)
     validation: dict[str, float] = {}
     val_every = max(1, int(round(config.train.val_every_epochs * steps_per_epoch)))
     train_seconds, trained_images = 0.0, 0
@@ -249,7 +321,7 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> RunSum
         initial=step,
         desc=f"train {config.method['name']}",
         unit="step",
-        disable=not progress,
+        disable=not (progress and env.is_main),
     )
     model.train()
     method.train()
@@ -262,8 +334,8 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> RunSum
             indices = order[offset * batch_size : steps_per_epoch * batch_size].tolist()
         loader = DataLoader(
             dataset,
-            batch_size=batch_size,
-            sampler=indices,
+            batch_size=rank_batch,
+            sampler=local_indices(indices, batch_size, env),
             drop_last=True,
             collate_fn=collate_faces,
             num_workers=config.data.num_workers,
@@ -273,10 +345,19 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> RunSum
         )
         tick = time.perf_counter()
         for batch in loader:
+            batch_skipped = batch.skipped
+            if env.enabled:
+                batch = pad_batch(batch, rank_batch)
             images, labels = batch.images, batch.labels
             mirrored = None
             if config.data.flip:
-                images, mirrored = random_horizontal_flip(images, _step_generator(config.run.seed, step))
+                # The mask is drawn for the global batch and sliced, so each image flips as it would on one process.
+                images, mirrored = random_horizontal_flip(
+                    images,
+                    _step_generator(config.run.seed, step),
+                    global_batch=batch_size if env.enabled else None,
+                    offset=env.rank * rank_batch,
+                )
             teacher = None
             if cache is not None:
                 rows = mirrored if config.teacher.mirror_rows else None
@@ -289,86 +370,96 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> RunSum
                 embeddings = forward(images)
             terms = method(embeddings.float(), labels, teacher)
             loss = sum(terms.values())
-            if not torch.isfinite(loss):
+            # The loss and its terms over the global batch: every rank agrees on divergence and rank 0 logs them.
+            values, batch_skipped = env.reduce_step(
+                torch.stack([loss.detach(), *(term.detach() for term in terms.values())]), batch_skipped
+            )
+            if not torch.isfinite(values[0]):
                 scaler_note = f" (fp16 loss scale {scaler.get_scale():.1f})" if scaler.is_enabled() else ""
                 raise TrainingDivergedError(
-                    f"loss is {loss.item()} at step {step}{scaler_note}; the last good checkpoint is "
+                    f"loss is {values[0].item()} at step {step}{scaler_note}; the last good checkpoint is "
                     f"{run_dir / LAST}. Lower optim.lr or raise schedule.warmup_epochs, then --resume"
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if env.enabled and scaler.is_enabled():
+                sync_overflow_(list(heads.values()))
             if config.train.grad_clip:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(
-                    [p for group in optimizer.param_groups for p in group["params"]], config.train.grad_clip
-                )
+                if env.enabled:
+                    # The centres' share of the norm is summed over ranks: all clip by the one global norm.
+                    clip_grad_norm_sharded_(replicated_params, sharded_params, config.train.grad_clip)
+                else:
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for group in optimizer.param_groups for p in group["params"]], config.train.grad_clip
+                    )
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             step += 1
-            skipped += batch.skipped
+            skipped += batch_skipped
 
             now = time.perf_counter()
             train_seconds += now - tick
-            trained_images += len(labels)
+            trained_images += len(labels) * env.world_size
             tick = now
             speed = trained_images / max(train_seconds, 1e-9)
             bar.update(1)
-            if step % config.train.log_every == 0 or step == total_steps:
-                values = {name: float(term.detach()) for name, term in terms.items()}
-                values.update(
-                    loss=float(loss.detach()),
+            if env.is_main and (step % config.train.log_every == 0 or step == total_steps):
+                logged = values.tolist()
+                row = dict(zip(terms, logged[1:], strict=True))
+                row.update(
+                    loss=logged[0],
                     lr=optimizer.param_groups[0]["lr"],
                     images_per_second=speed,
                     epoch=step / steps_per_epoch,
                 )
-                logger.log("train", step, values)
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", img_s=f"{speed:.0f}")
-            if val_set is not None and (step % val_every == 0 or step == total_steps):
-                from facedistill.eval.verify import evaluate_pairs, student_embedder
+                logger.log("train", step, row)
+                bar.set_postfix(loss=f"{logged[0]:.3f}", img_s=f"{speed:.0f}")
+            if config.data.val_pairs and (step % val_every == 0 or step == total_steps):
+                accuracy, accuracy_std = -1.0, 0.0
+                if env.is_main:
+                    from facedistill.eval.verify import evaluate_pairs, student_embedder
 
-                model.eval()
-                result, _ = evaluate_pairs(
-                    student_embedder(model, device, config.train.amp),
-                    val_set,
-                    config.eval.flip,
-                    config.eval.batch_size,
-                    config.data.num_workers,
-                    False,
-                )
-                model.train()
-                validation = {"accuracy": result.accuracy_mean, "std": result.accuracy_std, "step": step}
-                logger.log("val", step, {"accuracy": result.accuracy_mean, "std": result.accuracy_std})
-                if result.accuracy_mean > best_val:
-                    best_val = result.accuracy_mean
+                    assert val_set is not None
+                    model.eval()
+                    result, _ = evaluate_pairs(
+                        student_embedder(model, device, config.train.amp),
+                        val_set,
+                        config.eval.flip,
+                        config.eval.batch_size,
+                        config.data.num_workers,
+                        False,
+                    )
+                    # The embedder may move the weights to channels_last; DDP's gradient buckets follow the layout
+                    # the weights had when it was built, and a rank whose layout changed gets wrong gradients.
+                    model.to(memory_format=memory_format).train()
+                    accuracy, accuracy_std = result.accuracy_mean, result.accuracy_std
+                    logger.log("val", step, {"accuracy": accuracy, "std": accuracy_std})
+                # The others wait here for rank 0's result, so that all of them take part in the checkpoint.
+                accuracy, accuracy_std = env.broadcast_floats([accuracy, accuracy_std], device)
+                validation = {"accuracy": accuracy, "std": accuracy_std, "step": step}
+                if accuracy > best_val:
+                    best_val = accuracy
                     if config.train.select == "best_val":
-                        save_checkpoint(checkpoint_state(), run_dir / BEST)
+                        save(run_dir / BEST)
             if step % config.train.checkpoint_every == 0 or step == total_steps:
-                save_checkpoint(checkpoint_state(), run_dir / LAST)
+                save(run_dir / LAST)
             if step >= total_steps:
                 break
             tick = time.perf_counter()
     bar.close()
     logger.close()
-    if skipped:
+    # When any rank's train() returns, last.pt is complete; rank 0's evaluation below needs no other rank.
+    env.barrier()
+    if skipped and env.is_main:
         print(f"warning: {skipped} unreadable training images were skipped (data.skip_bad_images=true)")
 
     selected = LAST
     if config.train.select == "best_val":
-        if val_set is None:
+        if not config.data.val_pairs:
             raise ValueError("train.select=best_val needs data.val_pairs (a validation set, never a test set)")
         selected = BEST
-        model.load_state_dict(load_checkpoint(run_dir / BEST, device)["model"])
-    model.eval()
-    tests = evaluate_tests(config, model, device, run_dir, progress)
-    if config.train.export_onnx:
-        from facedistill.export.onnx import export_onnx
-
-        export_onnx(
-            model,
-            run_dir / "model.onnx",
-            metadata={"facedistill.model": config.model.name, "facedistill.method": config.method["name"]},
-        )
     summary = RunSummary(
         run_dir=run_dir,
         steps=step,
@@ -378,9 +469,29 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> RunSum
         images_per_second=trained_images / max(train_seconds, 1e-9),
         selected=selected,
         validation=validation,
-        tests=tests,
         skipped_images=skipped,
     )
+    if not env.is_main:
+        return summary
+
+    if synced_batchnorm:
+        # Evaluate and export the plain backbone: SyncBatchNorm is a training-time wrapper of the same weights.
+        plain = create_model(config.model.name, embedding_size=config.model.embedding_size)
+        plain.load_state_dict(model.state_dict())
+        model = plain.to(device)
+    if selected == BEST:
+        model.load_state_dict(load_checkpoint(run_dir / BEST, device)["model"])
+    model.eval()
+    summary.tests = evaluate_tests(config, model, device, run_dir, progress)
+    if config.train.export_onnx:
+        from facedistill.export.onnx import export_onnx
+
+        export_onnx(
+            model,
+            run_dir / "model.onnx",
+            metadata={"facedistill.model": config.model.name, "facedistill.method": config.method["name"]},
+        )
+    summary.wall_seconds = time.perf_counter() - started
     payload = {**summary.to_dict(), **teacher_info, "model": model_profile(config)}
     (run_dir / "results.json").write_text(json.dumps(payload, indent=2))
     from facedistill.eval.report import write_run_report

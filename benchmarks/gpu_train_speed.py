@@ -1,0 +1,226 @@
+"""Training throughput of MobileFaceNet-128 (112x112) on one GPU: ArcFace vs cached-teacher MarginDistillation.
+
+    python benchmarks/gpu_train_speed.py                        # bf16 autocast, channels_last, batch 512
+    python benchmarks/gpu_train_speed.py --amp fp16 --compile   # fp16 with GradScaler, torch.compile
+    python benchmarks/gpu_train_speed.py --device cpu --batch-size 8 --steps 2 --warmup 1   # CI smoke run
+
+Target: >= 8,000 img/s on one H100 for either method (default settings; the whole run takes well under 5 minutes,
+about a minute more per method with --compile).
+
+Self-contained: batches of random uint8 faces are generated in pinned host memory, and the teacher cache is an
+in-memory ``TeacherCache`` of random unit float16 embeddings (image and mirror rows) with frozen random class
+centres, so no dataset or teacher is needed. Each step is the training loop's own step, built from the same parts
+(``create_model``, ``create_method`` with a ``MethodContext``, ``build_optimizer``/``build_scheduler`` with the
+default recipe, ``random_horizontal_flip``, ``TeacherCache.rows``, ``normalise``, autocast, GradScaler, gradient
+clipping) in the same order as the single-GPU loop; only the DataLoader is left out (``loader_speed.py``
+measures it). Warm-up steps are excluded; the timed steps are bracketed by ``torch.cuda.synchronize``.
+
+Two switches measure what the loop could gain: ``--flip device`` mirrors the batch on the GPU after the copy
+(the loop flips on the host, and the flipped copy is no longer pinned memory), and ``--no-finite-check`` drops
+the per-step ``isfinite(loss)`` test, which makes the host wait for the GPU every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from facedistill.config import Config
+from facedistill.data.images import normalise, random_horizontal_flip
+from facedistill.distill import METHODS, MethodContext, create_method
+from facedistill.models import create_model
+from facedistill.teachers.cache import TeacherCache
+from facedistill.train.loop import _step_generator, resolve_amp
+from facedistill.train.optim import build_optimizer, build_scheduler
+
+METHOD_NAMES = ("arcface", "margin_distillation")
+
+
+def in_memory_teacher_cache(num_images: int, embedding_size: int, generator: torch.Generator) -> TeacherCache:
+    """A ``TeacherCache`` whose float16 [N, 2, d] rows live in memory: random unit embeddings of images and
+    mirrors, read by the cache's own ``rows`` and ``typicality``."""
+    rows = F.normalize(torch.randn(num_images, 2, embedding_size, generator=generator), dim=2)
+    cache = TeacherCache.__new__(TeacherCache)
+    cache.directory = Path("<in-memory random teacher>")
+    cache.manifest = {
+        "num_images": num_images,
+        "embedding_size": embedding_size,
+        "teacher_id": "random",
+        "completed": num_images,
+    }
+    cache.embeddings = rows.numpy().astype(np.float16)
+    return cache
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({device})"
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_speed(
+    method_name: str,
+    device: torch.device,
+    batch_size: int = 512,
+    steps: int = 30,
+    warmup: int = 10,
+    amp_dtype: torch.dtype | None = torch.bfloat16,
+    channels_last: bool = True,
+    compile_model: bool = False,
+    num_classes: int = 10_572,
+    embedding_size: int = 128,
+    pool_batches: int = 4,
+    flip: str = "host",
+    finite_check: bool = True,
+    seed: int = 0,
+) -> float:
+    """Images/s of ``steps`` training steps of ``method_name`` after ``warmup`` untimed ones."""
+    config = Config()
+    config.method = {"name": method_name}
+    config.model.embedding_size = embedding_size
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    pin = device.type == "cuda"
+    num_images = pool_batches * batch_size
+    # Batches as the DataLoader hands them over: uint8 [B, 3, 112, 112], pinned when the GPU reads them.
+    pool = []
+    for start in range(0, num_images, batch_size):
+        images = torch.randint(0, 256, (batch_size, 3, 112, 112), dtype=torch.uint8, generator=generator)
+        labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
+        indices = torch.arange(start, start + batch_size)
+        if pin:
+            images, labels = images.pin_memory(), labels.pin_memory()
+        pool.append((images, labels, indices))
+
+    total_steps = warmup + steps
+    context = MethodContext(num_classes, embedding_size, steps_per_epoch=total_steps)
+    cache = None
+    if METHODS.get(method_name).needs_teacher:
+        cache = in_memory_teacher_cache(num_images, embedding_size, generator)
+        context.centres = F.normalize(torch.randn(num_classes, embedding_size, generator=generator), dim=1)
+        all_labels = torch.cat([labels for _, labels, _ in pool]).numpy()
+        context.typicality = cache.typicality(context.centres, all_labels)
+
+    model = create_model(config.model.name, embedding_size=embedding_size).to(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    method = create_method(config.method, context).to(device)
+    optimizer = build_optimizer([model, method], config.optim)
+    scheduler = build_scheduler(optimizer, total_steps, total_steps, config.schedule)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    forward = torch.compile(model) if compile_model else model
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    model.train()
+    method.train()
+
+    started = time.perf_counter()
+    for step in range(total_steps):
+        if step == warmup:
+            _synchronize(device)
+            started = time.perf_counter()
+        images, labels, indices = pool[step % len(pool)]
+        # From here on, the training loop's step.
+        mirror_generator = _step_generator(seed, step)
+        if flip == "host":
+            images, mirrored = random_horizontal_flip(images, mirror_generator)
+        else:
+            mirrored = torch.rand(images.shape[0], generator=mirror_generator) < 0.5
+        teacher = None
+        if cache is not None:
+            teacher = cache.rows(indices, mirrored).to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True)
+        if flip == "device":
+            images = torch.where(mirrored.to(device, non_blocking=True)[:, None, None, None], images.flip(-1), images)
+        images = normalise(images).contiguous(memory_format=memory_format)
+        labels = labels.to(device, non_blocking=True)
+        method.set_progress(step, step / total_steps)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            embeddings = forward(images)
+        terms = method(embeddings.float(), labels, teacher)
+        loss = sum(terms.values())
+        if finite_check and not torch.isfinite(loss):
+            raise RuntimeError(f"{method_name}: loss is {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if config.train.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(parameters, config.train.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+    _synchronize(device)
+    return steps * batch_size / (time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per method")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (they include compilation)")
+    parser.add_argument(
+        "--amp",
+        choices=["auto", "bf16", "fp16", "none"],
+        default="auto",
+        help="autocast dtype; auto: bf16 on GPUs that have it (H100), fp16 on older ones, fp32 on most CPUs",
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the student, as train.compile")
+    parser.add_argument("--contiguous", action="store_true", help="NCHW instead of channels_last")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN pick conv algorithms by timing")
+    parser.add_argument("--num-classes", type=int, default=10_572, help="identities (CASIA-WebFace: 10,572)")
+    parser.add_argument("--flip", choices=["host", "device"], default="host", help="where the batch is mirrored")
+    parser.add_argument("--no-finite-check", action="store_true", help="skip the per-step isfinite(loss) sync")
+    parser.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=list(METHOD_NAMES))
+    args = parser.parse_args(argv)
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1 (the first step allocates, tunes and compiles)")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("CUDA is not available here; pass --device cpu for a (slow) smoke run")
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    amp_dtype = resolve_amp(args.amp, device)
+    amp_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+    print(
+        f"device: {device_name(device)}; torch {torch.__version__}; MobileFaceNet-128 112x112, batch "
+        f"{args.batch_size}, amp {amp_name}, {'contiguous' if args.contiguous else 'channels_last'}, compile "
+        f"{'on' if args.compile else 'off'}, {args.num_classes} classes, flip on {args.flip}, "
+        f"{args.warmup} warm-up + {args.steps} timed steps",
+        flush=True,
+    )
+    results: dict[str, float] = {}
+    for name in args.methods:
+        results[name] = step_speed(
+            name,
+            device,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            warmup=args.warmup,
+            amp_dtype=amp_dtype,
+            channels_last=not args.contiguous,
+            compile_model=args.compile,
+            num_classes=args.num_classes,
+            flip=args.flip,
+            finite_check=not args.no_finite_check,
+        )
+        print(f"{name:22s} {results[name]:9.1f} img/s", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if len(results) == 2:
+        ratio = results["margin_distillation"] / results["arcface"]
+        print(f"ratio margin_distillation / arcface: {ratio:.3f}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
