@@ -82,10 +82,12 @@ def student_embedder(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    # Convolutional nets run markedly faster in channels_last on CPU and on GPU; a no-op for a model trained so.
-    channels_last = any(p.dim() == 4 for p in model.parameters())
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    # The input follows the model's memory format; the model is not converted here, because the caller may be
+    # training it (``load_student`` hands out channels_last models for inference).
+    channels_last = any(
+        p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        for p in model.parameters()
+    )
 
     @torch.inference_mode()
     def embed(images: torch.Tensor) -> torch.Tensor:

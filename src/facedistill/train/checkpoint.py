@@ -41,4 +41,5 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     model_section = state["config"]["model"]
     model = create_model(model_section["name"], embedding_size=model_section["embedding_size"])
     model.load_state_dict(state["model"])
-    return model.to(device).eval(), state["config"]
+    # Convolutional nets run markedly faster in channels_last on CPU and on GPU.
+    return model.to(device, memory_format=torch.channels_last).eval(), state["config"]

@@ -431,9 +431,7 @@ def _train(config: Config, resume: bool, progress: bool, env: Distributed, devic
                         config.data.num_workers,
                         False,
                     )
-                    # The embedder may move the weights to channels_last; DDP's gradient buckets follow the layout
-                    # the weights had when it was built, and a rank whose layout changed gets wrong gradients.
-                    model.to(memory_format=memory_format).train()
+                    model.train()
                     accuracy, accuracy_std = result.accuracy_mean, result.accuracy_std
                     logger.log("val", step, {"accuracy": accuracy, "std": accuracy_std})
                 # The others wait here for rank 0's result, so that all of them take part in the checkpoint.
