@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from facedistill.config import ConfigError
-from facedistill.distill import METHODS, MethodContext, create_method
+from facedistill.distill import METHODS, MethodContext, create_method, method_params
 from facedistill.distill.margin_distillation import per_sample_margins
 
 C = torch.tensor([0.8, 0.4, 0.0, -0.4])
@@ -108,3 +108,30 @@ def test_bad_hyper_parameters_are_clear_errors() -> None:
 
 def test_registry_lists_the_methods() -> None:
     assert {"arcface", "margin_distillation"} <= set(METHODS.names())
+
+
+def test_kd_weight_adds_hintons_soft_logit_term_over_the_frozen_centres() -> None:
+    torch.manual_seed(2)
+    centres = F.normalize(torch.randn(5, 8), dim=1)
+    typicality = torch.tensor([[0.9, 0.85]])
+    student, teacher, labels = torch.randn(4, 8), torch.randn(4, 8), torch.tensor([0, 1, 2, 3])
+    plain = create_method({"name": "margin_distillation"}, _context(centres, typicality))(student, labels, teacher)
+    spec = {"name": "margin_distillation", "scale": 32.0, "kd_weight": 2.0, "temperature": 3.0}
+    both = create_method(spec, _context(centres, typicality))(student, labels, teacher)
+    # By hand: p = softmax(32 cos(., W) / 3) for both nets, KL(p_t || p_s) summed over classes, batch mean, x T^2.
+    p_s = torch.softmax(32 * F.normalize(student, dim=1) @ centres.T / 3, dim=1)
+    p_t = torch.softmax(32 * F.normalize(teacher, dim=1) @ centres.T / 3, dim=1)
+    kl = (p_t * (p_t.log() - p_s.log())).sum(1).mean()
+    assert both["kd"].item() == pytest.approx(2.0 * 9.0 * kl.item(), rel=1e-4)
+    rescaled = create_method({"name": "margin_distillation", "scale": 32.0}, _context(centres, typicality))
+    assert both["margin_arcface"].item() == pytest.approx(rescaled(student, labels, teacher)["margin_arcface"].item())
+    assert "kd" not in plain
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        create_method({**spec, "temperature": 0.0}, _context(centres, typicality))
+
+
+def test_the_head_is_sharded_over_processes_only_without_the_kd_term() -> None:
+    method_cls, params = method_params({"name": "margin_distillation"})
+    assert method_cls.head_can_shard(params)
+    assert not method_cls.head_can_shard(method_params({"name": "margin_distillation", "kd_weight": 1.0})[1])
+    assert not METHODS.get("kd").head_can_shard(method_params({"name": "kd"})[1])

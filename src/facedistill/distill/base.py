@@ -53,6 +53,11 @@ class DistillMethod(nn.Module):
         self.params = params
         self.context = context
 
+    @classmethod
+    def head_can_shard(cls, params: Any) -> bool:
+        """``shards_head`` for these hyper-parameters (an option that reads the full logits turns sharding off)."""
+        return cls.shards_head
+
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
@@ -107,12 +112,17 @@ def margin_cross_entropy(
 METHODS = Registry[type[DistillMethod]]("method")
 
 
+def method_params(spec: dict[str, Any]) -> tuple[type[DistillMethod], Any]:
+    """The method class and its validated hyper-parameters from the config section ``{name: ..., ...}``."""
+    spec = dict(spec)
+    method_cls = METHODS.get(spec.pop("name"))
+    return method_cls, from_dict(method_cls.Params, spec, prefix="method")
+
+
 def create_method(spec: dict[str, Any], context: MethodContext) -> DistillMethod:
     """Build a method from its config section ``{name: ..., <hyper-parameters>}``."""
-    spec = dict(spec)
-    name = spec.pop("name")
-    method_cls = METHODS.get(name)
-    params = from_dict(method_cls.Params, spec, prefix="method")
+    method_cls, params = method_params(spec)
+    name = method_cls.name
     if method_cls.needs_teacher and context.centres is None:
         raise ValueError(f"method '{name}' needs a teacher: set teacher.spec and teacher.cache")
     return method_cls(params, context)

@@ -23,6 +23,11 @@ A refinement of ours, off by default (``embedding_weight=0``): ``embedding_weigh
 added to the loss. The student already lives in the teacher's space (its classifier is the teacher's centres), so
 pulling each embedding towards the teacher's own embedding of the same image is consistent with the margin loss
 and gives a dense per-image signal where the margin loss only sees the class centre.
+
+A second refinement, off by default (``kd_weight=0``): Hinton's soft-logit term over the same frozen centres,
+``kd_weight * T^2 * mean_i KL(softmax(s cos(t_i, W) / T) || softmax(s cos(f_s,i, W) / T))`` (as in ``kd``). The
+margin loss says how far from its own centre each image may sit; the soft term adds where the teacher places it
+among all the other classes. It reads every class's logit, so with it the head is not sharded over processes.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from facedistill.distill.arcdistill import check_positive
 from facedistill.distill.base import (
     DistillMethod,
     MethodContext,
@@ -42,6 +48,7 @@ from facedistill.distill.base import (
     register_method,
 )
 from facedistill.distill.embedding import embedding_distance
+from facedistill.distill.kd import soft_kd
 from facedistill.heads.sharded import ShardedMarginHead
 
 
@@ -54,10 +61,13 @@ class MarginDistillationParams:
     clamp: bool = True
     guard: bool = True
     embedding_weight: float = 0.0
+    kd_weight: float = 0.0
+    temperature: float = 4.0
 
     def __post_init__(self) -> None:
-        if self.embedding_weight < 0:
-            raise ValueError(f"method.embedding_weight must be >= 0, got {self.embedding_weight}")
+        check_positive("embedding_weight", self.embedding_weight)
+        check_positive("kd_weight", self.kd_weight)
+        check_positive("temperature", self.temperature, allow_zero=False)
 
 
 def per_sample_margins(
@@ -85,6 +95,10 @@ class MarginDistillation(DistillMethod):
     name = "margin_distillation"
     shards_head = True
     Params = MarginDistillationParams
+
+    @classmethod
+    def head_can_shard(cls, params: MarginDistillationParams) -> bool:
+        return params.kd_weight == 0
 
     def __init__(self, params: MarginDistillationParams, context: MethodContext) -> None:
         super().__init__(params, context)
@@ -130,4 +144,8 @@ class MarginDistillation(DistillMethod):
         if self.params.embedding_weight > 0:
             distance = embedding_distance(embeddings, teacher, "cosine").mean()
             losses["embedding"] = self.params.embedding_weight * distance
+        if self.params.kd_weight > 0:
+            scale = self.params.scale
+            student_logits, teacher_logits = scale * self.head.cosine(embeddings), scale * self.head.cosine(teacher)
+            losses["kd"] = self.params.kd_weight * soft_kd(student_logits, teacher_logits, self.params.temperature)
         return losses

@@ -29,7 +29,7 @@ from facedistill.config import Config, save_config
 from facedistill.data.datasets import FaceDataset, collate_faces, open_training_set
 from facedistill.data.images import normalise, random_horizontal_flip
 from facedistill.data.samplers import IdentityBalancedSampler
-from facedistill.distill import METHODS, MethodContext, create_method
+from facedistill.distill import METHODS, MethodContext, create_method, method_params
 from facedistill.heads.sharded import clip_grad_norm_sharded_
 from facedistill.models import create_model
 from facedistill.teachers.cache import TeacherCache, class_centres
@@ -150,12 +150,12 @@ def prepare_method_context(
 ) -> tuple[MethodContext, TeacherCache | None, dict[str, Any]]:
     """Load and check the teacher cache and centres for methods that need them. Every rank reads the whole cache,
     so the centres, typicalities and MarginDistillation's dataset normaliser are the same on all of them."""
-    method_cls = METHODS.get(config.method["name"])
+    method_cls, params = method_params(config.method)
     context = MethodContext(
         dataset.num_classes,
         config.model.embedding_size,
         steps_per_epoch=steps_per_epoch,
-        shard_heads=world_size > 1 and method_cls.shards_head,
+        shard_heads=world_size > 1 and method_cls.head_can_shard(params),
     )
     if not method_cls.needs_teacher:
         return context, None, {}
