@@ -9,15 +9,11 @@ about a minute more per method with --compile).
 
 Self-contained: batches of random uint8 faces are generated in pinned host memory, and the teacher cache is an
 in-memory ``TeacherCache`` of random unit float16 embeddings (image and mirror rows) with frozen random class
-centres, so no dataset or teacher is needed. Each step is the training loop's own step, built from the same parts
-(``create_model``, ``create_method`` with a ``MethodContext``, ``build_optimizer``/``build_scheduler`` with the
-default recipe, ``random_horizontal_flip``, ``TeacherCache.rows``, ``normalise``, autocast, GradScaler, gradient
-clipping) in the same order as the single-GPU loop; only the DataLoader is left out (``loader_speed.py``
-measures it). Warm-up steps are excluded; the timed steps are bracketed by ``torch.cuda.synchronize``.
-
-Two switches measure what the loop could gain: ``--flip device`` mirrors the batch on the GPU after the copy
-(the loop flips on the host, and the flipped copy is no longer pinned memory), and ``--no-finite-check`` drops
-the per-step ``isfinite(loss)`` test, which makes the host wait for the GPU every step.
+centres, so no dataset or teacher is needed. The student, method, optimiser and schedule are built with the
+default recipe from the same registries as a run, and every step is the training loop's own ``TrainStep`` (flip,
+cached teacher rows, copies, autocast forward, loss, finite check, backward, clipping, optimiser and schedule);
+only the DataLoader is left out (``loader_speed.py`` measures it). Warm-up steps are excluded; the timed steps
+are bracketed by ``torch.cuda.synchronize``.
 """
 
 from __future__ import annotations
@@ -32,12 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from facedistill.config import Config
-from facedistill.data.images import normalise, random_horizontal_flip
+from facedistill.data.datasets import Batch
 from facedistill.distill import METHODS, MethodContext, create_method
 from facedistill.models import create_model
 from facedistill.teachers.cache import TeacherCache
-from facedistill.train.loop import _step_generator, resolve_amp
+from facedistill.train.loop import resolve_amp
 from facedistill.train.optim import build_optimizer, build_scheduler
+from facedistill.train.step import TrainStep
 
 METHOD_NAMES = ("arcface", "margin_distillation")
 
@@ -81,14 +78,15 @@ def step_speed(
     num_classes: int = 10_572,
     embedding_size: int = 128,
     pool_batches: int = 4,
-    flip: str = "host",
-    finite_check: bool = True,
     seed: int = 0,
 ) -> float:
     """Images/s of ``steps`` training steps of ``method_name`` after ``warmup`` untimed ones."""
     config = Config()
     config.method = {"name": method_name}
     config.model.embedding_size = embedding_size
+    config.data.batch_size = batch_size
+    config.train.channels_last = channels_last
+    config.run.seed = seed
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     pin = device.type == "cuda"
@@ -98,10 +96,8 @@ def step_speed(
     for start in range(0, num_images, batch_size):
         images = torch.randint(0, 256, (batch_size, 3, 112, 112), dtype=torch.uint8, generator=generator)
         labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
-        indices = torch.arange(start, start + batch_size)
-        if pin:
-            images, labels = images.pin_memory(), labels.pin_memory()
-        pool.append((images, labels, indices))
+        batch = Batch(images, labels, torch.arange(start, start + batch_size), skipped=0)
+        pool.append(batch.pin_memory() if pin else batch)
 
     total_steps = warmup + steps
     context = MethodContext(num_classes, embedding_size, steps_per_epoch=total_steps)
@@ -109,18 +105,26 @@ def step_speed(
     if METHODS.get(method_name).needs_teacher:
         cache = in_memory_teacher_cache(num_images, embedding_size, generator)
         context.centres = F.normalize(torch.randn(num_classes, embedding_size, generator=generator), dim=1)
-        all_labels = torch.cat([labels for _, labels, _ in pool]).numpy()
+        all_labels = torch.cat([batch.labels for batch in pool]).numpy()
         context.typicality = cache.typicality(context.centres, all_labels)
 
     model = create_model(config.model.name, embedding_size=embedding_size).to(device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     method = create_method(config.method, context).to(device)
     optimizer = build_optimizer([model, method], config.optim)
     scheduler = build_scheduler(optimizer, total_steps, total_steps, config.schedule)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    forward = torch.compile(model) if compile_model else model
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    train_step = TrainStep.from_config(
+        config,
+        forward=torch.compile(model) if compile_model else model,
+        method=method,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        device=device,
+        steps_per_epoch=total_steps,
+        amp_dtype=amp_dtype,
+        cache=cache,
+    )
     model.train()
     method.train()
 
@@ -129,36 +133,7 @@ def step_speed(
         if step == warmup:
             _synchronize(device)
             started = time.perf_counter()
-        images, labels, indices = pool[step % len(pool)]
-        # From here on, the training loop's step.
-        mirror_generator = _step_generator(seed, step)
-        if flip == "host":
-            images, mirrored = random_horizontal_flip(images, mirror_generator)
-        else:
-            mirrored = torch.rand(images.shape[0], generator=mirror_generator) < 0.5
-        teacher = None
-        if cache is not None:
-            teacher = cache.rows(indices, mirrored).to(device, non_blocking=True)
-        images = images.to(device, non_blocking=True)
-        if flip == "device":
-            images = torch.where(mirrored.to(device, non_blocking=True)[:, None, None, None], images.flip(-1), images)
-        images = normalise(images).contiguous(memory_format=memory_format)
-        labels = labels.to(device, non_blocking=True)
-        method.set_progress(step, step / total_steps)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            embeddings = forward(images)
-        terms = method(embeddings.float(), labels, teacher)
-        loss = sum(terms.values())
-        if finite_check and not torch.isfinite(loss):
-            raise RuntimeError(f"{method_name}: loss is {loss.item()} at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if config.train.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(parameters, config.train.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        train_step(pool[step % len(pool)], step)
     _synchronize(device)
     return steps * batch_size / (time.perf_counter() - started)
 
@@ -177,10 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the student, as train.compile")
     parser.add_argument("--contiguous", action="store_true", help="NCHW instead of channels_last")
-    parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN pick conv algorithms by timing")
     parser.add_argument("--num-classes", type=int, default=10_572, help="identities (CASIA-WebFace: 10,572)")
-    parser.add_argument("--flip", choices=["host", "device"], default="host", help="where the batch is mirrored")
-    parser.add_argument("--no-finite-check", action="store_true", help="skip the per-step isfinite(loss) sync")
     parser.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=list(METHOD_NAMES))
     args = parser.parse_args(argv)
     if args.warmup < 1:
@@ -188,13 +160,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("CUDA is not available here; pass --device cpu for a (slow) smoke run")
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     amp_dtype = resolve_amp(args.amp, device)
     amp_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
     print(
         f"device: {device_name(device)}; torch {torch.__version__}; MobileFaceNet-128 112x112, batch "
         f"{args.batch_size}, amp {amp_name}, {'contiguous' if args.contiguous else 'channels_last'}, compile "
-        f"{'on' if args.compile else 'off'}, {args.num_classes} classes, flip on {args.flip}, "
+        f"{'on' if args.compile else 'off'}, {args.num_classes} classes, "
         f"{args.warmup} warm-up + {args.steps} timed steps",
         flush=True,
     )
@@ -210,8 +181,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             channels_last=not args.contiguous,
             compile_model=args.compile,
             num_classes=args.num_classes,
-            flip=args.flip,
-            finite_check=not args.no_finite_check,
         )
         print(f"{name:22s} {results[name]:9.1f} img/s", flush=True)
         if device.type == "cuda":

@@ -4,7 +4,8 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from facedistill.cli import app, parse_method_variant
+from facedistill.cli import app, method_override, parse_method_variant
+from facedistill.config import load_config
 from facedistill.demo import SyntheticSetup, run_demo
 from tests.helpers import make_face_folders
 
@@ -141,3 +142,16 @@ def test_export_int8_and_latency_from_the_command_line(trained, tmp_path) -> Non
     assert result.exit_code == 0, result.output
     assert "| ORT int8 (dynamic) |" in result.output
     assert len(json.loads((tmp_path / "lat.json").read_text())) == 3
+
+
+def test_distill_keeps_the_configs_method_unless_told_otherwise(tmp_path) -> None:
+    recipe = tmp_path / "kd.yaml"
+    recipe.write_text("method: {name: kd, temperature: 2.0}\n")
+    assert method_override(None, recipe, []) == []
+    assert method_override("rkd", recipe, []) == ["method.name=rkd"]
+    assert method_override(None, recipe, ["method.name=ekd"]) == []
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("train: {epochs: 2}\n")
+    assert method_override(None, plain, []) == ["method.name=margin_distillation"]
+    assert method_override(None, None, []) == ["method.name=margin_distillation"]
+    assert load_config(recipe, method_override(None, recipe, [])).method == {"name": "kd", "temperature": 2.0}

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+import yaml
 
 app = typer.Typer(
     add_completion=False,
@@ -54,14 +55,17 @@ def distill(
     data: Annotated[Path | None, typer.Option(help="Training set: identity folders or RecordIO.")] = None,
     teacher: Annotated[str | None, typer.Option(help="sface, an .onnx file or a .pth checkpoint.")] = None,
     cache: Annotated[Path | None, typer.Option(help="Teacher cache directory (cache-teacher).")] = None,
-    method: Annotated[str, typer.Option(help="Distillation method.")] = "margin_distillation",
+    method: Annotated[
+        str | None,
+        typer.Option(help="Distillation method [default: the config's method, else margin_distillation]."),
+    ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config with the rest of the recipe.")] = None,
     overrides: SetOption = None,
     resume: bool = False,
 ) -> None:
     """Distil a teacher into a student; flags are shorthands for config keys."""
-    sets = [f"method.name={method}"]
+    sets = method_override(method, config, overrides or [])
     if data:
         sets.append(f"data.train={data}")
     if teacher:
@@ -71,6 +75,23 @@ def distill(
     if output:
         sets.append(f"run.output_dir={output}")
     train(config, sets + list(overrides or []), resume)
+
+
+def method_override(method: str | None, config: Path | None, overrides: list[str]) -> list[str]:
+    """``--method`` as a ``--set``; without it the config's (or a ``--set``'s) method is kept whole, name and
+    hyper-parameters, and only a recipe that names no method gets margin_distillation."""
+    if method:
+        return [f"method.name={method}"]
+    if any(item.startswith("method.name=") for item in overrides):
+        return []
+    named = False
+    if config is not None and config.is_file():
+        try:
+            section = yaml.safe_load(config.read_text()) or {}
+        except yaml.YAMLError:
+            section = {}  # load_config reports it, with the file's name
+        named = isinstance(section, dict) and isinstance(section.get("method"), dict) and "name" in section["method"]
+    return [] if named else ["method.name=margin_distillation"]
 
 
 @app.command("cache-teacher")

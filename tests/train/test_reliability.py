@@ -18,7 +18,8 @@ from facedistill.distill.base import METHODS
 from facedistill.train import checkpoint as checkpoint_module
 from facedistill.train import loop as loop_module
 from facedistill.train.checkpoint import load_checkpoint, save_checkpoint
-from facedistill.train.loop import TrainingDivergedError, train
+from facedistill.train.loop import train
+from facedistill.train.step import TrainingDivergedError
 from tests.helpers import make_face_folders
 
 SETTINGS = [

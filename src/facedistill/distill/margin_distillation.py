@@ -82,12 +82,14 @@ def per_sample_margins(
     typicality = typicality.float()
     peak = typicality.max() if normaliser is None else torch.as_tensor(normaliser, dtype=torch.float32)
     peak = peak.to(typicality.device)
-    if guard and bool(peak <= 0):
-        return torch.full_like(typicality, m_min)
     ratio = typicality / peak
     if clamp:
         ratio = ratio.clamp(0.0, 1.0)
-    return (m_max - m_min) * ratio + m_min
+    margins = (m_max - m_min) * ratio + m_min
+    if guard:
+        # A select, not a Python branch on the peak: no device-to-host sync in the training step.
+        margins = torch.where(peak > 0, margins, torch.full_like(margins, m_min))
+    return margins
 
 
 @register_method

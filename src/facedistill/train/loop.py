@@ -27,10 +27,8 @@ from tqdm import tqdm
 
 from facedistill.config import Config, save_config
 from facedistill.data.datasets import FaceDataset, collate_faces, open_training_set
-from facedistill.data.images import normalise, random_horizontal_flip
 from facedistill.data.samplers import IdentityBalancedSampler
 from facedistill.distill import METHODS, MethodContext, create_method, method_params
-from facedistill.heads.sharded import clip_grad_norm_sharded_
 from facedistill.models import create_model
 from facedistill.teachers.cache import TeacherCache, class_centres
 from facedistill.train.checkpoint import load_checkpoint, save_checkpoint
@@ -43,21 +41,16 @@ from facedistill.train.distributed import (
     init_distributed,
     local_batch_size,
     local_indices,
-    pad_batch,
     shard_training_state,
     sharded_heads,
-    sync_overflow_,
     wrap_backbone,
 )
 from facedistill.train.logging import RunLogger
 from facedistill.train.optim import build_optimizer, build_scheduler
+from facedistill.train.step import TrainStep, step_generator
 
 LAST = "last.pt"
 BEST = "best.pt"
-
-
-class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -138,11 +131,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _step_generator(seed: int, step: int) -> torch.Generator:
-    """Per-step randomness derived from (seed, step), so a resumed run draws exactly what it would have."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
 def prepare_method_context(
@@ -258,10 +246,6 @@ def _train(config: Config, resume: bool, progress: bool, env: Distributed, devic
     optimizer = build_optimizer([model, method], config.optim)
     scheduler = build_scheduler(optimizer, total_steps, steps_per_epoch, config.schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    sharded_params = [head.weight for head in heads.values() if head.learnable]
-    replicated_params = [
-        p for group in optimizer.param_groups for p in group["params"] if all(p is not q for q in sharded_params)
-    ]
     if env.is_main:
         # A checkpoint holds the weights plus up to two optimiser moments per weight; keep room for two of them.
         weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -283,6 +267,21 @@ def _train(config: Config, resume: bool, progress: bool, env: Distributed, devic
     # After loading: DDP starts every rank from rank 0's weights, which are then the checkpoint's.
     wrapped = ddp(model, device) if env.enabled else model
     forward = torch.compile(wrapped) if config.train.compile else wrapped
+    train_step = TrainStep.from_config(
+        config,
+        forward=forward,
+        method=method,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        device=device,
+        steps_per_epoch=steps_per_epoch,
+        amp_dtype=amp_dtype,
+        cache=cache,
+        env=env,
+        divergence_hint=f"; the last good checkpoint is {run_dir / LAST}. Lower optim.lr or raise "
+        "schedule.warmup_epochs, then --resume",
+    )
 
     def checkpoint_state() -> dict[str, Any] | None:
         """The checkpoint, whole (collective with several processes; None on ranks other than 0)."""
@@ -330,7 +329,7 @@ def _train(config: Config, resume: bool, progress: bool, env: Distributed, devic
         if balanced is not None:
             indices = [index for batch in balanced.epoch_batches(epoch)[offset:] for index in batch]
         else:
-            order = torch.randperm(len(dataset), generator=_step_generator(config.run.seed, -1 - epoch))
+            order = torch.randperm(len(dataset), generator=step_generator(config.run.seed, -1 - epoch))
             indices = order[offset * batch_size : steps_per_epoch * batch_size].tolist()
         loader = DataLoader(
             dataset,
@@ -345,63 +344,13 @@ def _train(config: Config, resume: bool, progress: bool, env: Distributed, devic
         )
         tick = time.perf_counter()
         for batch in loader:
-            batch_skipped = batch.skipped
-            if env.enabled:
-                batch = pad_batch(batch, rank_batch)
-            images, labels = batch.images, batch.labels
-            mirrored = None
-            if config.data.flip:
-                # The mask is drawn for the global batch and sliced, so each image flips as it would on one process.
-                images, mirrored = random_horizontal_flip(
-                    images,
-                    _step_generator(config.run.seed, step),
-                    global_batch=batch_size if env.enabled else None,
-                    offset=env.rank * rank_batch,
-                )
-            teacher = None
-            if cache is not None:
-                rows = mirrored if config.teacher.mirror_rows else None
-                teacher = cache.rows(batch.indices, rows).to(device, non_blocking=True)
-            images = normalise(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
-            labels = labels.to(device, non_blocking=True)
-
-            method.set_progress(step, step / steps_per_epoch)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                embeddings = forward(images)
-            terms = method(embeddings.float(), labels, teacher)
-            loss = sum(terms.values())
-            # The loss and its terms over the global batch: every rank agrees on divergence and rank 0 logs them.
-            values, batch_skipped = env.reduce_step(
-                torch.stack([loss.detach(), *(term.detach() for term in terms.values())]), batch_skipped
-            )
-            if not torch.isfinite(values[0]):
-                scaler_note = f" (fp16 loss scale {scaler.get_scale():.1f})" if scaler.is_enabled() else ""
-                raise TrainingDivergedError(
-                    f"loss is {values[0].item()} at step {step}{scaler_note}; the last good checkpoint is "
-                    f"{run_dir / LAST}. Lower optim.lr or raise schedule.warmup_epochs, then --resume"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if env.enabled and scaler.is_enabled():
-                sync_overflow_(list(heads.values()))
-            if config.train.grad_clip:
-                scaler.unscale_(optimizer)
-                if env.enabled:
-                    # The centres' share of the norm is summed over ranks: all clip by the one global norm.
-                    clip_grad_norm_sharded_(replicated_params, sharded_params, config.train.grad_clip)
-                else:
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for group in optimizer.param_groups for p in group["params"]], config.train.grad_clip
-                    )
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            terms, values, batch_skipped, rows = train_step(batch, step)
             step += 1
             skipped += batch_skipped
 
             now = time.perf_counter()
             train_seconds += now - tick
-            trained_images += len(labels) * env.world_size
+            trained_images += rows * env.world_size
             tick = now
             speed = trained_images / max(train_seconds, 1e-9)
             bar.update(1)
