@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from facedistill.distill.arcdistill import check_margin_loss, check_positive, margin_head
 from facedistill.distill.base import DistillMethod, MethodContext, register_method
+from facedistill.heads import MarginHead
 
 
 def soft_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -30,6 +31,13 @@ def soft_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=1)
     kl = F.kl_div(student_log_probs, teacher_log_probs, reduction="batchmean", log_target=True)
     return kl * temperature**2
+
+
+def centre_kd(
+    head: MarginHead, embeddings: torch.Tensor, teacher: torch.Tensor, scale: float, temperature: float
+) -> torch.Tensor:
+    """``soft_kd`` of the student's and the teacher's scaled cosines to the head's (frozen) class centres."""
+    return soft_kd(scale * head.cosine(embeddings), scale * head.cosine(teacher), temperature)
 
 
 @dataclass
@@ -58,8 +66,7 @@ class KD(DistillMethod):
         self, embeddings: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         assert teacher is not None
-        scale = self.params.scale
-        kd = soft_kd(scale * self.head.cosine(embeddings), scale * self.head.cosine(teacher), self.params.temperature)
+        kd = centre_kd(self.head, embeddings, teacher, self.params.scale, self.params.temperature)
         return {
             "arcface": F.cross_entropy(self.head(embeddings, labels), labels),
             "kd": self.params.kd_weight * kd,

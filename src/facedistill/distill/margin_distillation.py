@@ -48,7 +48,7 @@ from facedistill.distill.base import (
     register_method,
 )
 from facedistill.distill.embedding import embedding_distance
-from facedistill.distill.kd import soft_kd
+from facedistill.distill.kd import centre_kd
 from facedistill.heads.sharded import ShardedMarginHead
 
 
@@ -147,7 +147,6 @@ class MarginDistillation(DistillMethod):
             distance = embedding_distance(embeddings, teacher, "cosine").mean()
             losses["embedding"] = self.params.embedding_weight * distance
         if self.params.kd_weight > 0:
-            scale = self.params.scale
-            student_logits, teacher_logits = scale * self.head.cosine(embeddings), scale * self.head.cosine(teacher)
-            losses["kd"] = self.params.kd_weight * soft_kd(student_logits, teacher_logits, self.params.temperature)
+            kd = centre_kd(self.head, embeddings, teacher, self.params.scale, self.params.temperature)
+            losses["kd"] = self.params.kd_weight * kd
         return losses

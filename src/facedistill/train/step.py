@@ -21,7 +21,7 @@ from facedistill.data.images import normalise, random_horizontal_flip
 from facedistill.distill import DistillMethod
 from facedistill.heads.sharded import clip_grad_norm_sharded_
 from facedistill.teachers.cache import TeacherCache
-from facedistill.train.distributed import Distributed, pad_batch, sharded_heads, sync_overflow_
+from facedistill.train.distributed import Distributed, local_batch_size, pad_batch, sharded_heads, sync_overflow_
 
 
 class TrainingDivergedError(RuntimeError):
@@ -73,7 +73,7 @@ class TrainStep:
         if self.device.type == "cuda":
             # Every batch has the same shape (B x 3 x 112 x 112): cuDNN's timed choice of conv algorithms pays.
             torch.backends.cudnn.benchmark = True
-        self.rank_batch = self.batch_size // self.env.world_size
+        self.rank_batch = local_batch_size(self.batch_size, self.env.world_size)
         self.heads = list(sharded_heads(self.method).values())
         self.sharded_params = [head.weight for head in self.heads if head.learnable]
         self.replicated_params = [
