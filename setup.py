@@ -2,6 +2,8 @@
 (``recipes/``) and patches (``patches/``) shipped inside it as ``facedistill.arcface_torch.recipes`` and
 ``facedistill.arcface_torch.patches``, so ``pip install .`` and ``pip install -e .`` both find them."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 PACKAGES = find_packages("plugin") + ["facedistill.arcface_torch.recipes", "facedistill.arcface_torch.patches"]
@@ -11,7 +13,7 @@ setup(
     version="0.2.0",
     description="Distil strong face-recognition models into small, fast students and prove how good they are; "
     "a MarginDistillation plugin for insightface's arcface_torch.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",

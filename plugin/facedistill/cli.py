@@ -452,5 +452,13 @@ def demo(
         _fail(error)
 
 
+def _register_arcface_torch() -> None:
+    from facedistill.arcface_torch.cli import arcface_torch_app
+
+    app.add_typer(arcface_torch_app, name="arcface-torch")
+
+
+_register_arcface_torch()
+
 if __name__ == "__main__":
     app()
