@@ -49,7 +49,6 @@ def in_memory_teacher_cache(num_images: int, embedding_size: int, generator: tor
         "num_images": num_images,
         "embedding_size": embedding_size,
         "teacher_id": "random",
-        "completed": num_images,
     }
     cache.embeddings = rows.numpy().astype(np.float16)
     return cache

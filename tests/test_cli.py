@@ -1,12 +1,13 @@
 import json
+import re
 
 import onnx
 import pytest
 from typer.testing import CliRunner
 
-from facedistill.cli import app, method_override, parse_method_variant
-from facedistill.config import load_config
+from facedistill.cli import KNOWN_METHODS, app, parse_method_variant
 from facedistill.demo import SyntheticSetup, run_demo
+from facedistill.distill import METHODS
 from tests.helpers import make_face_folders
 
 runner = CliRunner()
@@ -29,6 +30,8 @@ def trained(tmp_path_factory):
         app,
         [
             "train",
+            "--set",
+            "method.name=arcface",
             "--set",
             f"data.train={train_dir}",
             "--set",
@@ -144,14 +147,113 @@ def test_export_int8_and_latency_from_the_command_line(trained, tmp_path) -> Non
     assert len(json.loads((tmp_path / "lat.json").read_text())) == 3
 
 
-def test_distill_keeps_the_configs_method_unless_told_otherwise(tmp_path) -> None:
+class _Summary:
+    def to_dict(self) -> dict:
+        return {}
+
+
+@pytest.fixture
+def run_configs(monkeypatch) -> list:
+    """The configs the commands would train with: the training loop itself is replaced by a recorder."""
+    configs: list = []
+
+    def record(config, resume=False, **kwargs):
+        configs.append(config)
+        return _Summary()
+
+    monkeypatch.setattr("facedistill.train.loop.train", record)
+    return configs
+
+
+def _one_error_line(output: str) -> str:
+    lines = output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), output
+    return lines[0]
+
+
+def test_distill_keeps_the_configs_method_unless_told_otherwise(tmp_path, run_configs) -> None:
     recipe = tmp_path / "kd.yaml"
     recipe.write_text("method: {name: kd, temperature: 2.0}\n")
-    assert method_override(None, recipe, []) == []
-    assert method_override("rkd", recipe, []) == ["method.name=rkd"]
-    assert method_override(None, recipe, ["method.name=ekd"]) == []
     plain = tmp_path / "plain.yaml"
     plain.write_text("train: {epochs: 2}\n")
-    assert method_override(None, plain, []) == ["method.name=margin_distillation"]
-    assert method_override(None, None, []) == ["method.name=margin_distillation"]
-    assert load_config(recipe, method_override(None, recipe, [])).method == {"name": "kd", "temperature": 2.0}
+    flags = ["distill", "--data", str(tmp_path / "faces"), "--cache", str(tmp_path / "cache")]
+    cases = [
+        (["--config", str(recipe)], {"name": "kd", "temperature": 2.0}),
+        (
+            ["--config", str(recipe), "--method", "margin_distillation"],
+            {"name": "margin_distillation", "temperature": 2.0},
+        ),
+        (["--config", str(recipe), "--set", "method.name=gkd"], {"name": "gkd", "temperature": 2.0}),
+        (["--config", str(plain)], {"name": "margin_distillation"}),
+        ([], {"name": "margin_distillation"}),
+        (["--set", "method.scale=16"], {"name": "margin_distillation", "scale": 16}),
+        (["-m", "kd"], {"name": "kd"}),
+    ]
+    for args, method in cases:
+        result = runner.invoke(app, [*flags, *args])
+        assert result.exit_code == 0, (args, result.output)
+        assert run_configs[-1].method == method, args
+        assert run_configs[-1].train.epochs == (2.0 if str(plain) in args else 10.0)
+
+
+def test_distill_refuses_an_unknown_method_in_one_line_before_anything_runs(tmp_path) -> None:
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["distill", "--method", "foo", "--data", str(tmp_path / "faces"), "-o", str(run)])
+    assert result.exit_code == 2
+    line = _one_error_line(result.output)
+    assert line.startswith("error: method.name: unknown method 'foo'; known: ")
+    assert line.split("known: ")[1].split(", ") == METHODS.names()
+    assert not run.exists()
+
+
+def test_train_without_a_method_name_says_to_set_it(tmp_path) -> None:
+    recipe = tmp_path / "nameless.yaml"
+    recipe.write_text(f"data: {{train: {tmp_path / 'faces'}}}\nrun: {{output_dir: {tmp_path / 'run'}}}\n")
+    result = runner.invoke(app, ["train", str(recipe)])
+    assert result.exit_code == 2
+    line = _one_error_line(result.output)
+    assert "set method.name" in line and all(name in line for name in METHODS.names())
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("method.foo=1", "method: unknown key(s) foo; allowed: "),
+        ("method.temperature=0", "method.temperature must be > 0"),
+        ("method.normaliser=global", "method.normaliser: 'global' is not one of 'batch', 'dataset'"),
+    ],
+)
+def test_bad_hyper_parameters_fail_when_the_config_is_built(tmp_path, setting, message) -> None:
+    missing = tmp_path / "no-such-faces"  # read first, were the method not checked before the data
+    args = ["distill", "--data", str(missing), "--cache", str(tmp_path / "cache"), "-o", str(tmp_path / "run")]
+    result = runner.invoke(app, [*args, "--set", setting])
+    assert result.exit_code == 2
+    assert _one_error_line(result.output).startswith(f"error: {message}")
+    assert "no-such-faces" not in result.output and not (tmp_path / "run").exists()
+
+
+def test_compare_checks_every_student_before_the_teacher_runs(tmp_path, monkeypatch) -> None:
+    def no_teacher(spec):
+        raise AssertionError("the teacher was loaded before the methods were checked")
+
+    monkeypatch.setattr("facedistill.teachers.create_teacher", no_teacher)
+    base = ["compare", "--data", str(tmp_path / "faces"), "--teacher", "sface", "--pairs", str(tmp_path / "p.tsv")]
+    for entry, message in [
+        ("foo", "error: --methods foo: method.name: unknown method 'foo'; known: adadistill, "),
+        ("kd:temperature=0", "error: --methods kd:temperature=0: method.temperature must be > 0"),
+        ("triplet", "error: --methods triplet: method 'triplet' compares images of the same identity"),
+    ]:
+        result = runner.invoke(app, [*base, "-m", "arcface", "-m", entry, "-o", str(tmp_path / "out")])
+        assert result.exit_code == 2
+        assert _one_error_line(result.output).startswith(message)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["distill", "compare"])
+def test_help_lists_every_registered_method(command) -> None:
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    words = set(re.findall(r"[a-z_]+", result.output))
+    assert set(METHODS.names()) <= words and len(METHODS.names()) >= 11
+    assert KNOWN_METHODS not in result.output

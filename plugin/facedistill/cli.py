@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
 import typer
-import yaml
+from typer.core import TyperCommand
 
 app = typer.Typer(
     add_completion=False,
@@ -22,26 +22,55 @@ SetOption = Annotated[
 ]
 
 
-def _fail(error: Exception) -> None:
-    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+def _fail(error: Exception) -> NoReturn:
+    """Report ``error`` as one line, ``error: ...``, and exit with code 2: what failed is the user's input (a config
+    value, a path), and the message names what to fix; a traceback would bury it."""
+    # A KeyError's str() is the repr of its message, quotes and all.
+    message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    typer.secho(f"error: {' '.join(message.split())}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
 
-@app.command()
-def train(
-    config: Annotated[Path | None, typer.Argument(help="YAML config; defaults apply to what it leaves out.")] = None,
-    overrides: SetOption = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the run directory's last checkpoint.")] = False,
-) -> None:
-    """Train a student with the method of the config (arcface, margin_distillation, ...); under torchrun on
-    several processes (see README, "Multi-GPU and multi-node")."""
+# Stands in the help of a --method option for the registered method names, filled in when the help is shown.
+KNOWN_METHODS = "{known methods}"
+
+
+class MethodsInHelp(TyperCommand):
+    """A command whose option help lists the registered methods (``KNOWN_METHODS``). They are looked up only when
+    the help is shown: the registry fills as the method modules are imported, with torch, which the command line
+    otherwise imports only in the commands that need it."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from facedistill.distill import METHODS
+
+        for param in self.params:
+            text = getattr(param, "help", None)
+            if text and KNOWN_METHODS in text:
+                param.help = text.replace(KNOWN_METHODS, ", ".join(METHODS.names()))
+        super().format_help(ctx, formatter)
+
+
+DEFAULT_DISTILL_METHOD = "margin_distillation"
+
+
+def _train_from(config: Path | None, overrides: list[str], resume: bool, default_method: str | None = None) -> None:
+    """Build the config of a run (YAML, then ``overrides``), validate it, train, print the summary.
+
+    ``default_method`` names the method when neither the recipe nor the overrides do (``distill``); ``train``
+    has none, so a recipe that names no method is refused before anything runs.
+    """
     import os
 
-    from facedistill.config import ConfigError, load_config
+    from facedistill.config import Config, ConfigError, from_dict, read_config_data
     from facedistill.train.loop import train as run_training
+    from facedistill.train.recipe import validate_config
 
     try:
-        cfg = load_config(config, overrides or [])
+        data = read_config_data(config, overrides)
+        if default_method is not None:
+            _default_method(data, default_method)
+        cfg = from_dict(Config, data)
+        validate_config(cfg)
         summary = run_training(cfg, resume=resume)
     except (ConfigError, ValueError, FileNotFoundError, OSError) as error:
         _fail(error)
@@ -50,22 +79,47 @@ def train(
         typer.echo(json.dumps(summary.to_dict(), indent=2, default=str))
 
 
+def _default_method(data: dict[str, Any], name: str) -> None:
+    """Name the method ``name`` in the config data unless it already names one; its hyper-parameters stay."""
+    section = data.get("method")
+    if section is None:
+        section = data["method"] = {}
+    if isinstance(section, dict) and section.get("name") is None:  # a mistyped section is from_dict's to report
+        section["name"] = name
+
+
 @app.command()
+def train(
+    config: Annotated[Path | None, typer.Argument(help="YAML config; defaults apply to what it leaves out.")] = None,
+    overrides: SetOption = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the run directory's last checkpoint.")] = False,
+) -> None:
+    """Train a student with the method the config names in method.name (arcface, margin_distillation, ...); under
+    torchrun on several processes (see README, "Multi-GPU and multi-node")."""
+    _train_from(config, list(overrides or []), resume)
+
+
+@app.command(cls=MethodsInHelp)
 def distill(
     data: Annotated[Path | None, typer.Option(help="Training set: identity folders or RecordIO.")] = None,
     teacher: Annotated[str | None, typer.Option(help="sface, an .onnx file or a .pth checkpoint.")] = None,
     cache: Annotated[Path | None, typer.Option(help="Teacher cache directory (cache-teacher).")] = None,
     method: Annotated[
         str | None,
-        typer.Option(help="Distillation method [default: the config's method, else margin_distillation]."),
+        typer.Option(
+            "--method",
+            "-m",
+            help=f"Distillation method: {KNOWN_METHODS}. Default: the config's method, else "
+            f"{DEFAULT_DISTILL_METHOD}; the config's other method keys stay.",
+        ),
     ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config with the rest of the recipe.")] = None,
     overrides: SetOption = None,
     resume: bool = False,
 ) -> None:
-    """Distil a teacher into a student; flags are shorthands for config keys."""
-    sets = method_override(method, config, overrides or [])
+    """Distil a teacher into a student; flags are shorthands for config keys (a --set of the same key wins)."""
+    sets = [f"method.name={method}"] if method else []
     if data:
         sets.append(f"data.train={data}")
     if teacher:
@@ -74,24 +128,7 @@ def distill(
         sets.append(f"teacher.cache={cache}")
     if output:
         sets.append(f"run.output_dir={output}")
-    train(config, sets + list(overrides or []), resume)
-
-
-def method_override(method: str | None, config: Path | None, overrides: list[str]) -> list[str]:
-    """``--method`` as a ``--set``; without it the config's (or a ``--set``'s) method is kept whole, name and
-    hyper-parameters, and only a recipe that names no method gets margin_distillation."""
-    if method:
-        return [f"method.name={method}"]
-    if any(item.startswith("method.name=") for item in overrides):
-        return []
-    named = False
-    if config is not None and config.is_file():
-        try:
-            section = yaml.safe_load(config.read_text()) or {}
-        except yaml.YAMLError:
-            section = {}  # load_config reports it, with the file's name
-        named = isinstance(section, dict) and isinstance(section.get("method"), dict) and "name" in section["method"]
-    return [] if named else ["method.name=margin_distillation"]
+    _train_from(config, sets + list(overrides or []), resume, default_method=DEFAULT_DISTILL_METHOD)
 
 
 @app.command("cache-teacher")
@@ -384,19 +421,22 @@ def parse_method_variant(entry: str) -> tuple[str, dict[str, Any]]:
         key, equals, value = item.partition("=")
         if not equals or not key.strip():
             raise ValueError(f"--methods {entry!r}: expected NAME:key=value,key=value, got {item!r}")
-        options[key.strip()] = yaml.safe_load(value)
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"--methods {entry!r}: {value!r} is not a valid YAML value") from None
     return name.strip(), options
 
 
-@app.command()
+@app.command(cls=MethodsInHelp)
 def compare(
     methods: Annotated[
         list[str],
         typer.Option(
             "--methods",
             "-m",
-            help="Methods to compare (repeatable); NAME or NAME:key=value,key=value for a variant with its own "
-            "hyper-parameters, e.g. margin_distillation:embedding_weight=1.",
+            help=f"Methods to compare (repeatable): {KNOWN_METHODS}; NAME or NAME:key=value,key=value for a variant "
+            "with its own hyper-parameters, e.g. margin_distillation:embedding_weight=1.",
         ),
     ],
     data: Annotated[Path, typer.Option(help="Training set: identity folders or RecordIO.")],
@@ -413,18 +453,27 @@ def compare(
     import dataclasses
 
     from facedistill.config import ConfigError, load_config
-    from facedistill.distill import METHODS
+    from facedistill.distill import method_class
     from facedistill.pipeline import compare_methods, markdown_table
     from facedistill.teachers import create_teacher
+    from facedistill.train.recipe import validate_config
 
     try:
         recipe = load_config(config, overrides or [])
         shared = {key: value for key, value in recipe.method.items() if key != "name"}
+        # Every student is validated before the teacher is cached and the first students train, with the data and
+        # the teacher cache that compare_methods gives each of them.
+        student_data = dataclasses.replace(recipe.data, train=str(data))
+        student_teacher = dataclasses.replace(recipe.teacher, cache=str(out / "teacher_cache"))
         specs = {}
         for entry in methods:
             name, own = parse_method_variant(entry)
-            known = {field.name for field in dataclasses.fields(METHODS.get(name).Params)}
-            method = {"name": name, **{k: v for k, v in shared.items() if k in known}, **own}
+            try:
+                known = {field.name for field in dataclasses.fields(method_class(name).Params)}
+                method = {"name": name, **{k: v for k, v in shared.items() if k in known}, **own}
+                validate_config(dataclasses.replace(recipe, method=method, data=student_data, teacher=student_teacher))
+            except ConfigError as error:
+                raise ConfigError(f"--methods {entry}: {error}") from None
             specs[entry.replace(":", "+").replace(",", "+")] = {"method": method}
         base = recipe.to_dict()
         base.pop("method")

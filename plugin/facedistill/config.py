@@ -1,7 +1,11 @@
 """Declarative, validated run configuration.
 
 Configs are YAML read with ``yaml.safe_load`` into dataclasses: unknown keys, wrong types and values outside their
-allowed set fail with the dotted key that is wrong and what would be accepted. Nothing in a config is executed.
+allowed set or range fail with the dotted key that is wrong and what would be accepted. Nothing in a config is
+executed.
+
+This module knows no registry (methods, backbones): ``facedistill.train.recipe.validate_config`` checks the names
+and the values that depend on each other, above both this module and the plug-ins that import it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,13 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message names the dotted key."""
 
 
+def at_least(default: Any, minimum: float, *, exclusive: bool = False) -> Any:
+    """A numeric field that must be >= ``minimum`` (> with ``exclusive``), checked by ``from_dict`` when the config
+    is built: such values otherwise fail mid-run (a zero ``log_every`` divides by zero after the first step) or
+    only after the data is read."""
+    return field(default=default, metadata={"minimum": minimum, "exclusive": exclusive})
+
+
 @dataclass
 class RunSection:
     output_dir: str = "runs/run"
@@ -32,8 +43,8 @@ class RunSection:
 @dataclass
 class DataSection:
     train: str = ""
-    batch_size: int = 128
-    num_workers: int = 2
+    batch_size: int = at_least(128, 1)
+    num_workers: int = at_least(2, 0)
     flip: bool = True
     skip_bad_images: bool = False
     # "identity_balanced": batches of batch_size / images_per_identity identities (triplet, EKD, RKD need pairs).
@@ -50,7 +61,7 @@ class DataSection:
 @dataclass
 class ModelSection:
     name: str = "mobilefacenet"
-    embedding_size: int = 512
+    embedding_size: int = at_least(512, 1)
 
 
 @dataclass
@@ -67,9 +78,9 @@ class TeacherSection:
 @dataclass
 class OptimSection:
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    lr: float = at_least(0.1, 0.0, exclusive=True)
+    momentum: float = at_least(0.9, 0.0)
+    weight_decay: float = at_least(5e-4, 0.0)
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
 
@@ -77,7 +88,7 @@ class OptimSection:
 @dataclass
 class ScheduleSection:
     name: Literal["cosine", "step", "poly", "constant"] = "cosine"
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = at_least(1.0, 0.0)
     warmup_start_factor: float = 0.01
     milestones: list[float] = field(default_factory=list)  # in epochs, for "step"
     gamma: float = 0.1
@@ -87,29 +98,44 @@ class ScheduleSection:
 
 @dataclass
 class TrainSection:
-    epochs: float = 10.0
+    epochs: float = at_least(10.0, 0.0, exclusive=True)
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
     channels_last: bool = True
     compile: bool = False
-    grad_clip: float | None = 5.0
-    log_every: int = 20
-    checkpoint_every: int = 500
-    val_every_epochs: float = 1.0
+    grad_clip: float | None = at_least(5.0, 0.0, exclusive=True)
+    log_every: int = at_least(20, 1)
+    checkpoint_every: int = at_least(500, 1)
+    val_every_epochs: float = at_least(1.0, 0.0, exclusive=True)
     # "last" reports the final model; "best_val" the best one on data.val_pairs (never a test set).
     select: Literal["last", "best_val"] = "last"
     export_onnx: bool = True
-    max_steps: int | None = None
+    max_steps: int | None = at_least(None, 1)
     # With several GPUs (torchrun), BatchNorm statistics over the global batch, as on one GPU; false keeps them
     # per GPU (arcface_torch's choice), which saves a few collectives per step. CPUs have no SyncBatchNorm.
     sync_batchnorm: bool = True
+
+
+# The keys of an eval.tests entry, the arguments of ``facedistill.eval.verify.load_pairs_set``.
+TEST_KEYS = frozenset({"name", "pairs", "images"})
 
 
 @dataclass
 class EvalSection:
     # Test sets evaluated once, at the end, on the selected model: a list of {name, pairs, images}.
     tests: list[dict[str, str]] = field(default_factory=list)
-    batch_size: int = 256
+    batch_size: int = at_least(256, 1)
     flip: bool = True
+
+    def __post_init__(self) -> None:
+        # The tests are read only after training: a malformed entry must fail now, not after hours.
+        for index, test in enumerate(self.tests):
+            unknown = sorted(set(test) - TEST_KEYS)
+            if unknown:
+                raise ConfigError(
+                    f"eval.tests[{index}]: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(TEST_KEYS))}"
+                )
+            if not test.get("pairs"):
+                raise ConfigError(f"eval.tests[{index}].pairs: not set (a pairs file: LFW pairs.txt, .bin or TSV)")
 
 
 @dataclass
@@ -117,7 +143,8 @@ class Config:
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
     model: ModelSection = field(default_factory=ModelSection)
-    method: dict[str, Any] = field(default_factory=lambda: {"name": "arcface"})
+    # No default method: ``train`` wants it named (validate_config says so); only ``distill`` supplies one.
+    method: dict[str, Any] = field(default_factory=dict)
     teacher: TeacherSection = field(default_factory=TeacherSection)
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
@@ -213,10 +240,22 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
     unknown = sorted(set(data) - fields)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(fields))}")
-    values = {
-        name: coerce(value, hints[name], f"{prefix + '.' if prefix else ''}{name}") for name, value in data.items()
-    }
+    values = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in data:
+            key = f"{prefix + '.' if prefix else ''}{f.name}"
+            values[f.name] = _check_minimum(coerce(data[f.name], hints[f.name], key), f.metadata, key)
     return cls(**values)
+
+
+def _check_minimum(value: Any, metadata: Any, key: str) -> Any:
+    """``value`` when it meets the field's ``at_least`` bound (or has none, or is None); else a ConfigError."""
+    if "minimum" not in metadata or value is None:
+        return value
+    minimum, exclusive = metadata["minimum"], metadata["exclusive"]
+    if value < minimum or (exclusive and value == minimum):
+        raise ConfigError(f"{key}: must be {'>' if exclusive else '>='} {minimum:g}, got {value!r}")
+    return value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -232,11 +271,28 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ConfigError(f"override {override!r}: {part} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {override!r}: the value is not valid YAML: {_yaml_problem(error)}") from None
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error on one line (PyYAML's own text spans several, with a caret under the spot)."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem:
+        mark = error.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        return f"{error.problem}{where}"
+    return " ".join(str(error).split())
+
+
+def read_config_data(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The YAML file (if any) with ``overrides`` applied, as plain data, not yet checked.
+
+    Separate from ``load_config`` so that a command can add a default where the recipe and the overrides say
+    nothing (``distill``'s method) without reading the file twice.
+    """
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -245,15 +301,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
         except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(error)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
         data = loaded or {}
-    data = apply_overrides(data, overrides or [])
-    config = from_dict(Config, data)
-    if "name" not in config.method:
-        raise ConfigError("method.name is required (e.g. arcface, margin_distillation)")
-    return config
+    return apply_overrides(data, overrides or [])
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """The config of the YAML file (if any) with ``overrides`` applied, every section type- and range-checked.
+
+    The method is not required here (a ``compare`` recipe names none; its students do): a run checks it, with the
+    names and the values that depend on each other, in ``facedistill.train.recipe.validate_config``.
+    """
+    return from_dict(Config, read_config_data(path, overrides))
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,10 +9,12 @@ from torch.utils.data import DataLoader
 
 from facedistill.config import load_config
 from facedistill.data import decoded_cache as decoded_module
+from facedistill.data import rowstore
 from facedistill.data.datasets import ImageFolderDataset, RecordDataset, collate_faces, open_training_set
 from facedistill.data.decoded_cache import DecodedImageDataset, build_decoded_cache, open_decoded_cache
 from facedistill.data.images import ImageDecodeError, decode_image, to_chw_tensor
 from facedistill.data.recordio import pack_folder_to_recordio
+from facedistill.data.rowstore import write_json_atomic
 from facedistill.teachers.cache import StaleCacheError, TeacherCache, build_teacher_cache
 from tests.helpers import ProjectionTeacher, make_face_folders
 
@@ -52,8 +56,11 @@ def test_every_row_is_the_decoded_image_with_its_label_and_index(tmp_path, datas
         assert torch.equal(image, to_chw_tensor(expected)) and image.is_contiguous()
         assert (label, item) == (int(dataset.labels[index]), index)
     manifest = json.loads((tmp_path / "decoded" / "manifest.json").read_text())
-    assert manifest["completed"] == manifest["num_images"] == 20 and manifest["shape"] == [20, 112, 112, 3]
-    assert manifest["dataset_fingerprint"] == dataset.fingerprint() and manifest["unreadable"] == []
+    assert manifest["num_images"] == 20 and manifest["shape"] == manifest["store"]["shape"] == [20, 112, 112, 3]
+    assert (
+        manifest["dataset_fingerprint"] == dataset.fingerprint() and manifest["format"] == decoded_module.CACHE_FORMAT
+    )
+    assert cache.store.complete and cache.unreadable == frozenset()
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -79,14 +86,28 @@ def test_interrupted_build_is_refused_then_resumes_to_the_same_rows(tmp_path, da
     full = build(dataset, tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):
         build(CountingDataset(dataset.root, fail_after=10), tmp_path / "part", chunk_images=4)
-    partial = json.loads((tmp_path / "part" / "manifest.json").read_text())
-    assert 0 < partial["completed"] < len(dataset)
-    with pytest.raises(StaleCacheError, match=r"part/images.u8 is incomplete \(\d+/20 images\)"):
+    message = r"decoded image cache .*part is incomplete: 2/5 chunks \(8/20 rows\) done; run `facedistill cache-images`"
+    with pytest.raises(StaleCacheError, match=message):
         DecodedImageDataset(tmp_path / "part")
     resumed_source = CountingDataset(dataset.root)
     resumed = build(resumed_source, tmp_path / "part")
-    assert resumed_source.reads == len(dataset) - partial["completed"]  # only the missing rows were decoded
+    assert resumed_source.reads == 12  # only the rows of the 3 unfinished chunks were decoded
+    assert (tmp_path / "part" / "images.u8").read_bytes() == (tmp_path / "full" / "images.u8").read_bytes()
     assert np.array_equal(np.asarray(resumed.images), np.asarray(full.images))
+
+
+def test_ranks_split_the_build_and_unreadable_rows_are_kept_per_chunk(tmp_path, dataset) -> None:
+    broken = dataset.root / dataset.relative_paths[6]
+    broken.write_bytes(broken.read_bytes()[:200])
+    tolerant = ImageFolderDataset(dataset.root, skip_bad=True)
+    whole = build(tolerant, tmp_path / "whole", chunk_images=4)
+    first = CountingDataset(dataset.root, skip_bad=True)
+    assert build(first, tmp_path / "split", chunk_images=4, rank=1, world_size=2) is None  # rank 0 still to come
+    assert first.reads == 8  # chunks 1 and 3
+    split = build(tolerant, tmp_path / "split", chunk_images=4, rank=0, world_size=2)
+    assert split is not None and split.unreadable == whole.unreadable == frozenset({6})
+    assert (tmp_path / "split" / "images.u8").read_bytes() == (tmp_path / "whole" / "images.u8").read_bytes()
+    assert split[6] is None
 
 
 def test_stale_cache_is_refused_naming_the_file(tmp_path, dataset) -> None:
@@ -96,7 +117,7 @@ def test_stale_cache_is_refused_naming_the_file(tmp_path, dataset) -> None:
     changed = ImageFolderDataset(dataset.root)
     with pytest.raises(StaleCacheError, match=r"decoded/manifest.json was built from another dataset"):
         open_decoded_cache(changed, tmp_path / "decoded")
-    with pytest.raises(StaleCacheError, match=r"decoded/manifest.json holds decoded images of another dataset"):
+    with pytest.raises(StaleCacheError, match=r"decoded/manifest.json holds a decoded image cache of another source"):
         build(changed, tmp_path / "decoded")
     rebuilt = build(changed, tmp_path / "decoded", overwrite=True)
     assert len(rebuilt) == 21 and rebuilt.fingerprint() == changed.fingerprint()
@@ -151,8 +172,8 @@ def test_too_little_disk_space_is_refused_before_writing(tmp_path, dataset, monk
     class Usage:
         free = 1024
 
-    monkeypatch.setattr(decoded_module.shutil, "disk_usage", lambda path: Usage())
-    with pytest.raises(OSError, match=r"decoded/images.u8 needs 0.00 GiB \(20 images x 37632 bytes"):
+    monkeypatch.setattr(rowstore.shutil, "disk_usage", lambda path: Usage())
+    with pytest.raises(OSError, match=r"decoded/images.u8 needs 0.00 GiB \(20 rows x 37632 bytes.*on the fly"):
         build(dataset, tmp_path / "decoded")
     assert not (tmp_path / "decoded" / "images.u8").exists()
 
@@ -171,3 +192,29 @@ def test_cache_images_command(tmp_path, dataset) -> None:
     (dataset.root / dataset.relative_paths[0]).unlink()
     stale = runner.invoke(app, ["cache-images", str(dataset.root), str(out), "--workers", "0"])
     assert stale.exit_code == 2 and "pass --overwrite" in stale.output
+
+
+def test_an_old_format_cache_is_refused_saying_to_rebuild(tmp_path, dataset) -> None:
+    build(dataset, tmp_path / "decoded")
+    manifest = json.loads((tmp_path / "decoded" / "manifest.json").read_text())
+    old = {key: value for key, value in manifest.items() if key != "store"}
+    write_json_atomic(tmp_path / "decoded" / "manifest.json", {**old, "format": 1, "completed": 20, "unreadable": []})
+    rebuild = r"decoded/manifest.json: .* format 1 .*`facedistill cache-images --overwrite`"
+    for attempt in (
+        lambda: DecodedImageDataset(tmp_path / "decoded"),
+        lambda: open_decoded_cache(dataset, tmp_path / "decoded"),
+        lambda: build(dataset, tmp_path / "decoded"),
+    ):
+        with pytest.raises(StaleCacheError, match=rebuild):
+            attempt()
+    assert len(build(dataset, tmp_path / "decoded", overwrite=True)) == 20
+
+
+def test_importing_the_decoded_cache_does_not_import_the_teachers() -> None:
+    """data must not depend on teachers (teachers.cache imports data.datasets: the other way is a circle)."""
+    code = (
+        "import sys, facedistill.data.decoded_cache, facedistill.data.datasets, facedistill.data.rowstore\n"
+        "print(sorted(name for name in sys.modules if name.startswith('facedistill.teachers')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -102,7 +102,7 @@ def test_bad_hyper_parameters_are_clear_errors() -> None:
         create_method({"name": "margin_distillation", "m_min": 0.6, "normaliser": "batch"}, _context(centres))
     with pytest.raises(ValueError, match="needs a teacher"):
         create_method({"name": "margin_distillation"}, MethodContext(3, 4))
-    with pytest.raises(KeyError, match="known: .*arcface"):
+    with pytest.raises(ConfigError, match="unknown method .nope.; known: .*arcface"):
         create_method({"name": "nope"}, _context(centres))
 
 

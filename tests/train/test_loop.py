@@ -15,6 +15,7 @@ def _config(tmp_path, train_dir, pairs, name, *extra):
         None,
         [
             f"data.train={train_dir}",
+            "method.name=arcface",
             "data.batch_size=8",
             "data.num_workers=0",
             "model.embedding_size=16",

@@ -23,6 +23,7 @@ from facedistill.train.step import TrainingDivergedError
 from tests.helpers import make_face_folders
 
 SETTINGS = [
+    "method.name=arcface",
     "data.batch_size=8",
     "data.num_workers=0",
     "model.embedding_size=16",

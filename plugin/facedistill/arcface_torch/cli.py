@@ -2,9 +2,76 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
 arcface_torch_app = typer.Typer(
     no_args_is_help=True,
     help="The arcface_torch plugin: patch a checkout of insightface's arcface_torch, cache a recipe's teacher.",
 )
+
+
+def _fail(error: Exception) -> None:
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@arcface_torch_app.command()
+def patch(
+    root: Annotated[Path, typer.Argument(help="The arcface_torch folder (or the insightface repository root).")],
+    revert: Annotated[bool, typer.Option(help="Restore the upstream files byte for byte.")] = False,
+    status: Annotated[bool, typer.Option(help="Only say, per file, whether it is upstream or patched.")] = False,
+) -> None:
+    """Apply facedistill's patches (pinned to upstream commit 0159b24d) and install its recipes into configs/.
+
+    Every file is checked against the pinned upstream first; a file that is neither upstream nor patched is
+    refused, naming the file and hunk, and nothing is written. Applying twice changes nothing."""
+    from facedistill.arcface_torch.patching import PatchError, resolve_root
+    from facedistill.arcface_torch.patching import apply as apply_patches
+    from facedistill.arcface_torch.patching import revert as revert_patches
+    from facedistill.arcface_torch.patching import status as patch_status
+    from facedistill.arcface_torch.shipped import install_recipes, remove_recipes
+
+    try:
+        if status:
+            for path, state in patch_status(root).items():
+                typer.echo(f"{state.value:9s} {path}")
+            return
+        if revert:
+            removed = remove_recipes(resolve_root(root))
+            typer.echo(str(revert_patches(root)))
+            typer.echo(f"removed {len(removed)} unchanged facedistill recipes from configs/")
+        else:
+            report = apply_patches(root)
+            installed, kept = install_recipes(resolve_root(root))
+            typer.echo(str(report))
+            typer.echo(f"installed {len(installed)} facedistill recipes into configs/")
+            for name in kept:
+                typer.secho(f"kept your configs/{name} (it differs from facedistill's recipe)", err=True)
+    except (PatchError, FileNotFoundError, OSError) as error:
+        _fail(error)
+
+
+@arcface_torch_app.command("cache-teacher")
+def cache_teacher(
+    config: Annotated[str, typer.Argument(help="The recipe, as train_v2.py takes it (configs/NAME or a file).")],
+    root: Annotated[Path, typer.Option(help="The patched arcface_torch checkout the run starts in.")] = Path("."),
+    batch_size: int = 64,
+    workers: int = 2,
+    overwrite: bool = False,
+) -> None:
+    """Embed every record of the recipe's config.rec, and its mirror image, with config.teacher (resumable).
+
+    Under torchrun each process embeds a share of the records; training then reads the rows by record index."""
+    from facedistill.arcface_torch.cache import cache_recipe_teacher
+    from facedistill.arcface_torch.recipe import RecipeError
+
+    try:
+        message = cache_recipe_teacher(config, root, batch_size, workers, overwrite)
+    except (RecipeError, ValueError, FileNotFoundError, OSError) as error:
+        _fail(error)
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(message)

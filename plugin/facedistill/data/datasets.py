@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from facedistill.data.images import ImageDecodeError, decode_image, to_chw_tensor
 from facedistill.data.recordio import RecordIOError
@@ -161,3 +161,14 @@ def collate_faces(samples: Sequence[tuple[torch.Tensor, int, int] | None]) -> Ba
     labels = torch.tensor([sample[1] for sample in kept], dtype=torch.int64)
     indices = torch.tensor([sample[2] for sample in kept], dtype=torch.int64)
     return Batch(images, labels, indices, len(samples) - len(kept))
+
+
+def ordered_loader(dataset: FaceDataset, rows: Sequence[int], batch_size: int, num_workers: int) -> DataLoader:
+    """Batches of ``dataset``'s ``rows``, in that order (what the caches that write rows by index read through)."""
+    return DataLoader(
+        Subset(dataset, list(rows)),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_faces,
+        shuffle=False,
+    )

@@ -13,6 +13,13 @@ from facedistill.distill import (  # noqa: F401  (registration)
     rkd,
     triplet,
 )
-from facedistill.distill.base import METHODS, DistillMethod, MethodContext, create_method, method_params
+from facedistill.distill.base import (
+    METHODS,
+    DistillMethod,
+    MethodContext,
+    create_method,
+    method_class,
+    method_params,
+)
 
-__all__ = ["METHODS", "DistillMethod", "MethodContext", "create_method", "method_params"]
+__all__ = ["METHODS", "DistillMethod", "MethodContext", "create_method", "method_class", "method_params"]

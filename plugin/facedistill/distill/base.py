@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facedistill.config import from_dict
+from facedistill.config import ConfigError, from_dict
 from facedistill.heads import MarginHead
 from facedistill.heads.sharded import ShardedMarginHead
 from facedistill.registry import Registry
@@ -112,10 +112,22 @@ def margin_cross_entropy(
 METHODS = Registry[type[DistillMethod]]("method")
 
 
+def method_class(name: Any) -> type[DistillMethod]:
+    """The method registered as ``name``. A missing or unknown name is a ConfigError of one line that lists the
+    known methods: it is what a user typed (``--method``, ``method.name``), and the list is the fix."""
+    known = ", ".join(METHODS.names())
+    if name is None:
+        raise ConfigError(f"method.name: not set; set method.name to one of {known}")
+    if not isinstance(name, str) or name not in METHODS:
+        raise ConfigError(f"method.name: unknown method {name!r}; known: {known}")
+    return METHODS.get(name)
+
+
 def method_params(spec: dict[str, Any]) -> tuple[type[DistillMethod], Any]:
-    """The method class and its validated hyper-parameters from the config section ``{name: ..., ...}``."""
+    """The method class and its validated hyper-parameters from the config section ``{name: ..., ...}``: unknown
+    keys, wrong types and out-of-range values are ConfigErrors naming ``method.<key>``."""
     spec = dict(spec)
-    method_cls = METHODS.get(spec.pop("name"))
+    method_cls = method_class(spec.pop("name", None))
     return method_cls, from_dict(method_cls.Params, spec, prefix="method")
 
 

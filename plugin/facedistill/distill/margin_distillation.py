@@ -39,7 +39,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from facedistill.distill.arcdistill import check_positive
+from facedistill.config import ConfigError
+from facedistill.distill.arcdistill import check_margin_loss, check_positive
 from facedistill.distill.base import (
     DistillMethod,
     MethodContext,
@@ -68,6 +69,9 @@ class MarginDistillationParams:
         check_positive("embedding_weight", self.embedding_weight)
         check_positive("kd_weight", self.kd_weight)
         check_positive("temperature", self.temperature, allow_zero=False)
+        check_margin_loss(self.scale, None)
+        if not 0.0 <= self.m_min <= self.m_max:
+            raise ConfigError(f"method: need 0 <= m_min <= m_max, got m_min={self.m_min}, m_max={self.m_max}")
 
 
 def per_sample_margins(
@@ -104,8 +108,6 @@ class MarginDistillation(DistillMethod):
 
     def __init__(self, params: MarginDistillationParams, context: MethodContext) -> None:
         super().__init__(params, context)
-        if not 0.0 <= params.m_min <= params.m_max:
-            raise ValueError(f"method: need 0 <= m_min <= m_max, got m_min={params.m_min}, m_max={params.m_max}")
         assert context.centres is not None
         self.head = build_margin_head(
             context, params.scale, 1.0, params.m_min, 0.0, learnable=False, centres=context.centres

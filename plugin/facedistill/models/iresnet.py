@@ -207,26 +207,46 @@ def _strip_module_prefix(state: Mapping[str, torch.Tensor]) -> OrderedDict[str, 
     return OrderedDict(state)
 
 
-def describe_checkpoint_architecture(state: Mapping[str, torch.Tensor]) -> str:
-    """Best guess, from key names and shapes alone, of which registered backbone wrote ``state``."""
+def infer_backbone(state: Mapping[str, torch.Tensor]) -> tuple[str, int, dict[str, int]] | None:
+    """(registered backbone, embedding size, extra ``create_model`` kwargs) that wrote ``state``, from key names
+    and shapes alone (arcface_torch's ``model.pt`` says nothing else); None when no registered one fits."""
     fc = state.get("fc.weight")
     if fc is not None and any(_LAYER_KEY.match(key) for key in state):
-        counts = [0, 0, 0, 0]
-        for key in state:
-            match = _LAYER_KEY.match(key)
-            if match:
-                stage, block = int(match.group(1)), int(match.group(2))
-                counts[stage - 1] = max(counts[stage - 1], block + 1)
-        layers = tuple(counts)
+        layers = _iresnet_layers(state)
         names = [name for name, value in IRESNET_LAYERS.items() if value == layers]
-        arch = names[0] if names else f"an IResNet with layers {list(layers)} (no registered name)"
-        return f"{arch} with embedding_size={fc.shape[0]}"
+        return (names[0], int(fc.shape[0]), {}) if names else None
     gdc_linear = state.get("features.layers.2.weight")
     stem = state.get("layers.0.layers.0.weight")
     if gdc_linear is not None and stem is not None:
         scale = stem.shape[0] // 64
-        name = "mobilefacenet" if scale == 1 else "mbf" if scale == 2 else f"mobilefacenet(scale={scale})"
-        return f"{name} with embedding_size={gdc_linear.shape[0]}"
+        if scale == 1:
+            return "mobilefacenet", int(gdc_linear.shape[0]), {}
+        if scale == 2:
+            return "mbf", int(gdc_linear.shape[0]), {}
+        return "mobilefacenet", int(gdc_linear.shape[0]), {"scale": scale}
+    return None
+
+
+def _iresnet_layers(state: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+    counts = [0, 0, 0, 0]
+    for key in state:
+        match = _LAYER_KEY.match(key)
+        if match:
+            stage, block = int(match.group(1)), int(match.group(2))
+            counts[stage - 1] = max(counts[stage - 1], block + 1)
+    return tuple(counts)
+
+
+def describe_checkpoint_architecture(state: Mapping[str, torch.Tensor]) -> str:
+    """Best guess, from key names and shapes alone, of which registered backbone wrote ``state``."""
+    inferred = infer_backbone(state)
+    if inferred is not None:
+        name, size, kwargs = inferred
+        if kwargs:
+            name = f"{name}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
+        return f"{name} with embedding_size={size}"
+    if state.get("fc.weight") is not None and any(_LAYER_KEY.match(key) for key in state):
+        return f"an IResNet with layers {list(_iresnet_layers(state))} (no registered name)"
     return "an unrecognised architecture"
 
 

@@ -1,19 +1,19 @@
 """The teacher cache: every training image's teacher embedding, and its mirror image's, computed once.
 
-Layout of a cache directory::
+Layout of a cache directory (a ``facedistill.data.rowstore`` store)::
 
     embeddings.f16   float16 memory map [N, 2, d]: row (i, 0) image i, row (i, 1) its horizontal mirror
-    manifest.json    teacher id, preprocessing, dataset fingerprint, N, d, classes, rows completed
+    chunks.done      one byte per chunk of rows: set once that chunk's embeddings are on disk
+    manifest.json    teacher id, preprocessing, dataset fingerprint, N, d, classes, the store's layout
     head_centres.npy the teacher's own class centres [C, d], when the teacher has a margin head
 
 Distillation reads rows from the cache, so a distillation step costs no teacher forward. A cache whose teacher or
-dataset differ from the run's is refused. Building is resumable: rows are flushed chunk by chunk and the manifest
-records how many are complete.
+dataset differ from the run's is refused. Building is resumable chunk by chunk and can be split over several
+processes (``rank``/``world_size``, e.g. one per GPU under torchrun).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -21,43 +21,53 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
-from facedistill.data.datasets import FaceDataset, collate_faces
+from facedistill.data.datasets import FaceDataset, ordered_loader
+from facedistill.data.rowstore import (
+    DEFAULT_CHUNK_ROWS,
+    MANIFEST,
+    RowLayout,
+    RowStore,
+    StaleCacheError,
+    open_for_writing,
+)
 
-CACHE_FORMAT = 1
-MANIFEST = "manifest.json"
+__all__ = [
+    "CACHE_FORMAT",
+    "EMBEDDINGS",
+    "HEAD_CENTRES",
+    "KIND",
+    "MANIFEST",
+    "StaleCacheError",
+    "TeacherCache",
+    "build_teacher_cache",
+    "class_centres",
+]
+
+# Format 2: completion tracked by per-chunk markers (format 1 counted completed rows and is refused).
+CACHE_FORMAT = 2
+KIND = "teacher-embeddings"
 EMBEDDINGS = "embeddings.f16"
 HEAD_CENTRES = "head_centres.npy"
-
-
-class StaleCacheError(ValueError):
-    """The cache was built for another teacher or dataset, or is incomplete."""
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+WHAT = "teacher cache"
+COMMAND = "facedistill cache-teacher"
 
 
 class TeacherCache:
+    """A teacher cache opened for reading; ``check``/``check_source`` refuse it for another dataset or teacher, or
+    while it is unfinished (unwritten rows read as zeros)."""
+
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        manifest_path = self.directory / MANIFEST
-        if not manifest_path.exists():
-            raise FileNotFoundError(
-                f"{self.directory} is not a teacher cache (no {MANIFEST}); build one with `facedistill cache-teacher`"
+        self.store = RowStore(self.directory, WHAT, COMMAND, {"kind": KIND, "format": CACHE_FORMAT})
+        self.manifest: dict[str, Any] = self.store.manifest
+        expected = (self.num_images, 2, self.embedding_size)
+        if self.store.layout.shape != expected or self.store.layout.dtype != "float16":
+            raise StaleCacheError(
+                f"{self.directory / MANIFEST}: rows {self.store.layout.shape} of {self.store.layout.dtype} do not "
+                f"match {expected} of float16; rebuild it with `{COMMAND} --overwrite`"
             )
-        self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-        if self.manifest.get("format") != CACHE_FORMAT:
-            raise StaleCacheError(f"{manifest_path}: unsupported cache format {self.manifest.get('format')}")
-        shape = (self.num_images, 2, self.embedding_size)
-        self.embeddings = np.memmap(self.directory / EMBEDDINGS, dtype=np.float16, mode="r", shape=shape)
+        self.embeddings = self.store.data()
 
     @property
     def num_images(self) -> int:
@@ -73,27 +83,26 @@ class TeacherCache:
 
     @property
     def complete(self) -> bool:
-        return int(self.manifest["completed"]) >= self.num_images
+        return self.store.complete
 
     def check(self, dataset: FaceDataset, teacher_id: str | None = None) -> None:
         """Refuse a cache that is incomplete or belongs to another dataset or teacher, saying what to do."""
+        self.check_source(dataset.fingerprint(), len(dataset), teacher_id)
+
+    def check_source(self, fingerprint: str, num_images: int, teacher_id: str | None = None) -> None:
+        """``check`` for callers that know the dataset by its fingerprint and size rather than hold it."""
         where = self.directory
-        if not self.complete:
-            raise StaleCacheError(
-                f"teacher cache {where} is incomplete ({self.manifest['completed']}/{self.num_images} images); "
-                "run `facedistill cache-teacher` again to finish it"
-            )
-        fingerprint = dataset.fingerprint()
-        if self.manifest["dataset_fingerprint"] != fingerprint or self.num_images != len(dataset):
+        self.store.require_complete()
+        if self.manifest["dataset_fingerprint"] != fingerprint or self.num_images != num_images:
             raise StaleCacheError(
                 f"teacher cache {where} was built for another dataset ({self.manifest['dataset_fingerprint']}, "
-                f"{self.num_images} images) than this one ({fingerprint}, {len(dataset)} images); "
-                "rebuild it with `facedistill cache-teacher --overwrite`"
+                f"{self.num_images} images) than this one ({fingerprint}, {num_images} images); "
+                f"rebuild it with `{COMMAND} --overwrite`"
             )
         if teacher_id is not None and teacher_id != self.teacher_id:
             raise StaleCacheError(
                 f"teacher cache {where} holds embeddings of teacher '{self.teacher_id}', not '{teacher_id}'; "
-                "rebuild it with `facedistill cache-teacher --overwrite`"
+                f"rebuild it with `{COMMAND} --overwrite`"
             )
 
     def rows(self, indices: torch.Tensor, mirrored: torch.Tensor | None = None) -> torch.Tensor:
@@ -149,6 +158,18 @@ def class_centres(
     return cache.mean_centres(labels, num_classes), "mean"
 
 
+def _save_head_centres(teacher: Any, directory: Path) -> None:
+    """The teacher's own centres, or none: a replaced cache must not keep the centres of its former teacher."""
+    path = directory / HEAD_CENTRES
+    head = teacher.class_centres()
+    if head is None:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, head.float().numpy())
+    os.replace(tmp, path)
+
+
 def build_teacher_cache(
     teacher: Any,
     dataset: FaceDataset,
@@ -156,16 +177,23 @@ def build_teacher_cache(
     batch_size: int = 64,
     num_workers: int = 2,
     overwrite: bool = False,
-    chunk_images: int = 2048,
+    chunk_images: int = DEFAULT_CHUNK_ROWS,
     progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> TeacherCache:
-    """Embed every image and its mirror with ``teacher``; resumes a partial cache of the same teacher/dataset."""
+    """Embed every image and its mirror with ``teacher``; resumes a partial cache of the same teacher/dataset.
+
+    Process ``rank`` of ``world_size`` embeds only its share of the unfinished chunks (``chunk_images`` rows each,
+    fixed when the cache is created) and writes ``head_centres.npy`` when it is rank 0. The returned cache is
+    checked against ``dataset`` and ``teacher`` when every chunk is done; when other ranks are still writing it is
+    returned unchecked (``complete`` is False): the caller waits for them (a barrier), then ``check``s it.
+    """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     fingerprint = dataset.fingerprint()
-    manifest_path = directory / MANIFEST
-    expected = {
+    identity = {
         "format": CACHE_FORMAT,
+        "kind": KIND,
         "teacher_id": teacher.teacher_id,
         "preprocessing": teacher.preprocessing.describe(),
         "dataset_fingerprint": fingerprint,
@@ -175,48 +203,27 @@ def build_teacher_cache(
         "dtype": "float16",
         "rows": ["image", "mirror"],
     }
-    completed = 0
-    if manifest_path.exists() and not overwrite:
-        old = json.loads(manifest_path.read_text())
-        if {key: old.get(key) for key in expected} != expected:
-            raise StaleCacheError(
-                f"{directory} holds a cache of another teacher or dataset ({old.get('teacher_id')}, "
-                f"{old.get('dataset_fingerprint')}); pass --overwrite to replace it or choose another directory"
-            )
-        completed = int(old["completed"])
-    shape = (len(dataset), 2, int(teacher.embedding_size))
-    mode = "r+" if completed > 0 and (directory / EMBEDDINGS).exists() else "w+"
-    if mode == "w+":
-        completed = 0
-    store = np.memmap(directory / EMBEDDINGS, dtype=np.float16, mode=mode, shape=shape)
-    head = teacher.class_centres()
-    if head is not None:
-        np.save(directory / HEAD_CENTRES, head.float().numpy())
-    _write_json_atomic(manifest_path, {**expected, "completed": completed})
-
-    remaining = Subset(dataset, range(completed, len(dataset)))
-    loader = DataLoader(
-        remaining, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_faces, shuffle=False
-    )
-    bar = tqdm(total=len(dataset), initial=completed, desc="teacher cache", unit="img", disable=not progress)
-    since_flush = 0
-    for batch in loader:
-        if batch.skipped:
-            raise ValueError("the teacher cache needs every image; fix the unreadable ones (run without skip)")
-        count = len(batch.indices)
-        both = teacher.embed(torch.cat([batch.images, batch.images.flip(-1)]))
-        rows = torch.stack([both[:count], both[count:]], dim=1)
-        store[batch.indices.numpy()] = rows.numpy().astype(np.float16)
-        completed += count
-        since_flush += count
-        bar.update(count)
-        if since_flush >= chunk_images or completed == len(dataset):
-            store.flush()
-            _write_json_atomic(manifest_path, {**expected, "completed": completed})
-            since_flush = 0
-    bar.close()
-    store.flush()
-    del store
+    layout = RowLayout(EMBEDDINGS, len(dataset), (2, int(teacher.embedding_size)), "float16", chunk_images)
+    with open_for_writing(
+        directory, identity, layout, WHAT, COMMAND, overwrite=overwrite, rank=rank, world_size=world_size
+    ) as store:
+        if rank == 0:
+            _save_head_centres(teacher, directory)
+        with store.writer(rank, world_size, desc="teacher cache", progress=progress) as writer:
+            if len(writer.rows):
+                loader = ordered_loader(dataset, writer.rows.tolist(), batch_size, num_workers)
+                for batch in loader:
+                    if batch.skipped:
+                        raise ValueError(
+                            "the teacher cache needs every image; fix the unreadable ones (run without skip)"
+                        )
+                    count = len(batch.indices)
+                    both = teacher.embed(torch.cat([batch.images, batch.images.flip(-1)]))
+                    rows = torch.stack([both[:count], both[count:]], dim=1)
+                    writer.data[batch.indices.numpy()] = rows.numpy().astype(np.float16)
+                    writer.advance(count)
+        complete = store.complete
     cache = TeacherCache(directory)
-    cache.check(dataset, teacher.teacher_id)
+    if complete:
+        cache.check_source(fingerprint, len(dataset), teacher.teacher_id)
     return cache

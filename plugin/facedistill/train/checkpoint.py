@@ -32,14 +32,35 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The student backbone of a facedistill checkpoint (``last.pt``/``best.pt``), in eval mode, and its config."""
+    """The student backbone of a checkpoint, in eval mode, and its config: a facedistill checkpoint
+    (``last.pt``/``best.pt``) or an arcface_torch ``model.pt`` (a bare backbone state_dict, whose network is
+    recognised from its keys and shapes; its config then names only the model and ``method: arcface_torch``)."""
     from facedistill.models import create_model
+    from facedistill.models.iresnet import _strip_module_prefix, describe_checkpoint_architecture, infer_backbone
 
     state = load_checkpoint(path, device)
-    if "model" not in state or "config" not in state:
-        raise ValueError(f"{path} is not a facedistill training checkpoint (it has no 'model' and 'config')")
-    model_section = state["config"]["model"]
-    model = create_model(model_section["name"], embedding_size=model_section["embedding_size"])
-    model.load_state_dict(state["model"])
+    if "model" in state and "config" in state:
+        config = state["config"]
+        model_section = config["model"]
+        model = create_model(model_section["name"], embedding_size=model_section["embedding_size"])
+        weights = state["model"]
+    elif state and all(isinstance(value, torch.Tensor) for value in state.values()):
+        weights = _strip_module_prefix(state)
+        inferred = infer_backbone(weights)
+        if inferred is None:
+            raise ValueError(
+                f"{path} is a bare state_dict of {describe_checkpoint_architecture(weights)}, which no registered "
+                "backbone matches (arcface_torch mbf and r18/r34/r50/r100 are supported)"
+            )
+        name, embedding_size, kwargs = inferred
+        model = create_model(name, embedding_size=embedding_size, **kwargs)
+        model_section = {"name": name, "embedding_size": embedding_size, **kwargs}
+        config = {"model": model_section, "method": {"name": "arcface_torch"}}
+    else:
+        raise ValueError(
+            f"{path} is neither a facedistill training checkpoint (no 'model' and 'config') nor an arcface_torch "
+            "model.pt (a backbone state_dict)"
+        )
+    model.load_state_dict(weights)
     # Convolutional nets run markedly faster in channels_last on CPU and on GPU.
-    return model.to(device, memory_format=torch.channels_last).eval(), state["config"]
+    return model.to(device, memory_format=torch.channels_last).eval(), config

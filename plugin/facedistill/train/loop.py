@@ -28,7 +28,7 @@ from tqdm import tqdm
 from facedistill.config import Config, save_config
 from facedistill.data.datasets import FaceDataset, collate_faces, open_training_set
 from facedistill.data.samplers import IdentityBalancedSampler
-from facedistill.distill import METHODS, MethodContext, create_method, method_params
+from facedistill.distill import MethodContext, create_method, method_params
 from facedistill.models import create_model
 from facedistill.teachers.cache import TeacherCache, class_centres
 from facedistill.train.checkpoint import load_checkpoint, save_checkpoint
@@ -47,6 +47,7 @@ from facedistill.train.distributed import (
 )
 from facedistill.train.logging import RunLogger
 from facedistill.train.optim import build_optimizer, build_scheduler
+from facedistill.train.recipe import validate_config
 from facedistill.train.step import TrainStep, step_generator
 
 LAST = "last.pt"
@@ -147,11 +148,7 @@ def prepare_method_context(
     )
     if not method_cls.needs_teacher:
         return context, None, {}
-    if not config.teacher.cache:
-        raise ValueError(
-            f"method '{method_cls.name}' reads the teacher's embeddings from a cache: set teacher.cache "
-            "(build it with `facedistill cache-teacher`)"
-        )
+    assert config.teacher.cache, "validate_config requires teacher.cache for methods with a teacher"
     cache = TeacherCache(config.teacher.cache)
     teacher_id = None
     if config.teacher.spec:
@@ -182,6 +179,8 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> RunSum
     Under ``torchrun`` (``WORLD_SIZE`` > 1), or inside a process group the caller initialised, every process calls
     this; each returns the summary, with the test results on rank 0 only.
     """
+    # First, before the process group, the run directory or the data: a bad config is one line, on every rank.
+    validate_config(config)
     env, device = init_distributed(resolve_device(config.run.device))
     try:
         return _train(config, resume, progress, env, device)
@@ -208,14 +207,6 @@ def _train(config: Config, resume: bool, progress: bool, env: Distributed, devic
         raise ValueError(f"{config.data.train}: {len(dataset)} images are fewer than one batch of {batch_size}")
     total_steps = config.train.max_steps or math.ceil(config.train.epochs * steps_per_epoch)
     balanced = None
-    if (
-        METHODS.get(config.method["name"]).needs_identity_balanced_batches
-        and config.data.sampler != "identity_balanced"
-    ):
-        raise ValueError(
-            f"method '{config.method['name']}' compares images of the same identity within a batch; "
-            "set data.sampler=identity_balanced (and data.images_per_identity)"
-        )
     if config.data.sampler == "identity_balanced":
         balanced = IdentityBalancedSampler(dataset.labels, batch_size, config.data.images_per_identity, config.run.seed)
         if rank_batch % config.data.images_per_identity:
@@ -402,11 +393,8 @@ def _train(config: Config, resume: bool, progress: bool, env: Distributed, devic
     if skipped and env.is_main:
         print(f"warning: {skipped} unreadable training images were skipped (data.skip_bad_images=true)")
 
-    selected = LAST
-    if config.train.select == "best_val":
-        if not config.data.val_pairs:
-            raise ValueError("train.select=best_val needs data.val_pairs (a validation set, never a test set)")
-        selected = BEST
+    # validate_config made sure that best_val comes with data.val_pairs.
+    selected = BEST if config.train.select == "best_val" else LAST
     summary = RunSummary(
         run_dir=run_dir,
         steps=step,

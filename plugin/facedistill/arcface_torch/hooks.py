@@ -1,0 +1,55 @@
+"""The calls the patched ``train_v2.py`` makes into facedistill (see ``patches/README.md`` for each hunk).
+
+Devices: NCCL and ``cuda:LOCAL_RANK`` where CUDA is available, exactly as upstream; gloo and the CPU otherwise, so
+the same recipe runs on a laptop, in CI and on a GPU cluster.
+
+Heads: ``build_head`` returns the framework's own ``PartialFC_V2(CombinedMarginLoss)``, built with upstream's
+arguments, when ``config.loss`` is absent or ``"arcface"``, and a facedistill ``DistillHead`` otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import distributed, nn
+
+from facedistill.arcface_torch.recipe import RecipeError, method_name
+
+
+def backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def set_device(local_rank: int) -> None:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+
+
+def device(local_rank: int) -> torch.device:
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def device_ids(local_rank: int) -> list[int] | None:
+    """DistributedDataParallel's ``device_ids``: this GPU, or None for a CPU module."""
+    return [local_rank] if torch.cuda.is_available() else None
+
+
+def needs_sample_info(cfg: Any) -> bool:
+    """Whether batches must carry each sample's record index and mirror flag (a facedistill method is on)."""
+    return method_name(cfg) is not None
+
+
+def build_head(cfg: Any, margin_loss: nn.Module, partial_fc_v2: Callable[..., nn.Module]) -> nn.Module:
+    """The run's margin head; a recipe that cannot run stops here, before training, with one line."""
+    if method_name(cfg) is None:
+        return partial_fc_v2(margin_loss, cfg.embedding_size, cfg.num_classes, cfg.sample_rate, False)
+    from facedistill.arcface_torch.head import build_distill_head
+
+    rank = distributed.get_rank() if distributed.is_initialized() else 0
+    world_size = distributed.get_world_size() if distributed.is_initialized() else 1
+    try:
+        return build_distill_head(cfg, rank, world_size)
+    except (RecipeError, ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None

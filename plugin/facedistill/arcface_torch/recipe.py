@@ -1,0 +1,153 @@
+"""The keys facedistill adds to an arcface_torch recipe, and how recipes are loaded and checked.
+
+A recipe is the framework's easydict config (``configs/base.py`` merged with the job's file). facedistill reads
+these keys from it; absent keys keep the framework's behaviour::
+
+    config.loss = "margin_distillation"   # absent or "arcface": the framework's CombinedMarginLoss + PartialFC_V2
+    config.loss_params = dict(m_min=0.2, m_max=0.5)   # the method's hyper-parameters; defaults: the method's own
+    config.teacher = "work_dirs/ms1mv3_r100"          # an arcface_torch run dir, an .onnx model, or "sface"
+    config.teacher_network = "r100"                   # the run dir's network (arcface_torch's name)
+    config.teacher_cache = "/train_tmp/ms1mv3/teacher_r100"   # default: <config.rec>/teacher_cache
+    config.teacher_centres = "auto"                   # auto | head | mean
+
+The patched ``utils/utils_config.py`` loads every recipe through :func:`load_job_config` (a ``configs/NAME`` path
+exactly as upstream, or any recipe file, e.g. one shipped in facedistill's ``recipes/``) and checks it with
+:func:`check_config` before the run touches data or GPUs: an unknown method lists the known ones, a wrong
+hyper-parameter names its key. Nothing here executes anything but the recipe file the user named.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from facedistill.config import ConfigError, from_dict
+
+# The framework's own loss; every other name is a facedistill method.
+FRAMEWORK_LOSS = "arcface"
+CENTRE_SOURCES = ("auto", "head", "mean")
+# arcface_torch's network names -> facedistill backbones that load their state_dicts.
+NETWORKS = {"r18": "iresnet18", "r34": "iresnet34", "r50": "iresnet50", "r100": "iresnet100", "mbf": "mbf"}
+PLUGIN_KEYS = ("loss", "loss_params", "teacher", "teacher_network", "teacher_cache", "teacher_centres")
+
+
+class RecipeError(ConfigError):
+    """A recipe key or value that facedistill cannot run with; the message names the key."""
+
+
+def served_methods() -> dict[str, type]:
+    """The facedistill methods a recipe can select with ``config.loss``: every registered method but the
+    framework's own ArcFace, and but those that need identity-balanced batches (triplet, EKD), which the
+    framework's random sampler cannot give."""
+    from facedistill.distill import METHODS
+
+    methods = {name: METHODS.get(name) for name in METHODS.names() if name != FRAMEWORK_LOSS}
+    return {name: cls for name, cls in methods.items() if not cls.needs_identity_balanced_batches}
+
+
+def method_name(cfg: Any) -> str | None:
+    """The facedistill method the recipe selects, or None for the framework's own loss."""
+    loss = cfg.get("loss")
+    return None if loss in (None, FRAMEWORK_LOSS) else loss
+
+
+def method_params(cfg: Any) -> tuple[type, Any]:
+    """The selected method's class and validated hyper-parameters (``config.loss_params`` over its defaults)."""
+    name = method_name(cfg)
+    methods = served_methods()
+    if name not in methods:
+        from facedistill.distill import METHODS
+
+        reason = ""
+        if name in METHODS:
+            reason = " (it needs identity-balanced batches, which arcface_torch's sampler does not give)"
+        known = ", ".join([FRAMEWORK_LOSS, *sorted(methods)])
+        raise RecipeError(f"config.loss: unknown method {name!r}{reason}; known: {known}")
+    params = cfg.get("loss_params") or {}
+    if not isinstance(params, dict):
+        raise RecipeError(f"config.loss_params must be a dict of {name}'s hyper-parameters, got {params!r}")
+    try:
+        return methods[name], from_dict(methods[name].Params, dict(params), prefix="config.loss_params")
+    except (ConfigError, ValueError, TypeError) as error:
+        raise RecipeError(str(error)) from None
+
+
+def teacher_cache_dir(cfg: Any) -> Path:
+    return Path(cfg.get("teacher_cache") or os.path.join(str(cfg.rec), "teacher_cache"))
+
+
+def validate(cfg: Any) -> Any:
+    """Check facedistill's keys of a loaded recipe; raise ``RecipeError`` naming the key. Returns ``cfg``."""
+    name = method_name(cfg)
+    if name is None:
+        for key in ("loss_params", "teacher_centres"):
+            if cfg.get(key):
+                raise RecipeError(f"config.{key} is set but config.loss selects no facedistill method")
+        return cfg
+    if not isinstance(name, str):
+        raise RecipeError(f"config.loss must be a method name, got {name!r}")
+    method_cls, _ = method_params(cfg)
+    if method_cls.needs_teacher and not cfg.get("teacher"):
+        raise RecipeError(
+            f"config.loss = {name!r} distils a teacher: set config.teacher to an arcface_torch run directory "
+            "(with config.teacher_network), an .onnx model or 'sface'"
+        )
+    teacher = cfg.get("teacher")
+    if teacher and Path(str(teacher)).suffix.lower() != ".onnx" and teacher != "sface":
+        network = cfg.get("teacher_network")
+        if network not in NETWORKS:
+            raise RecipeError(
+                f"config.teacher_network = {network!r}: the network of the teacher run {teacher!r} must be one of "
+                f"{', '.join(NETWORKS)}"
+            )
+    centres = cfg.get("teacher_centres") or "auto"
+    if centres not in CENTRE_SOURCES:
+        raise RecipeError(f"config.teacher_centres = {centres!r} is not one of {', '.join(CENTRE_SOURCES)}")
+    if cfg.get("dali") or cfg.rec == "synthetic":
+        source = "DALI" if cfg.get("dali") else "synthetic data"
+        raise RecipeError(
+            f"config.loss = {name!r} reads each image's cached teacher embedding by record index, which {source} "
+            "does not give; set config.dali = False and point config.rec at a .rec folder or image folder"
+        )
+    if float(cfg.get("sample_rate", 1.0)) < 1.0:
+        warnings.warn(
+            f"config.sample_rate = {cfg.sample_rate}: the {name} head scores every class of its shard (frozen "
+            "centres need no gradient or optimiser state, so they are not sampled)",
+            stacklevel=2,
+        )
+    return cfg
+
+
+def check_config(cfg: Any) -> Any:
+    """``validate`` for the framework's ``get_config``: a bad recipe stops the run with one line, no traceback."""
+    try:
+        return validate(cfg)
+    except RecipeError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def load_job_config(config_file: str) -> Any:
+    """The job's ``config`` object: ``configs/NAME`` is imported as upstream does (``configs.NAME``), any other
+    path (with or without ``.py``) is loaded from that file."""
+    if config_file.startswith("configs/"):
+        module_name = os.path.splitext(os.path.basename(config_file))[0]
+        return importlib.import_module(f"configs.{module_name}").config
+    path = Path(config_file)
+    if path.suffix != ".py":
+        path = path.with_name(path.name + ".py")
+    if not path.is_file():
+        raise SystemExit(f"error: recipe {config_file!r} not found (looked for {path})")
+    module_name = f"facedistill_recipe_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    if not hasattr(module, "config"):
+        raise SystemExit(f"error: recipe {path} defines no `config` (an easydict, as arcface_torch's configs do)")
+    return module.config

@@ -1,0 +1,46 @@
+"""glint360k_mbf.py of arcface_torch, distilled from its r100 twin (glint360k_r100) with MarginDistillation.
+
+Identical to the framework's configs/glint360k_mbf.py but for the distillation keys at the end. The teacher is the
+run of configs/glint360k_r100 (work_dirs/glint360k_r100: model.pt, and checkpoint_gpu_*.pt when it ran with
+save_all_states = True, whose PartialFC shards give the teacher's own class centres; without them the centres are
+the per-class means of the cached teacher embeddings). Embed Glint360K with it once, then train:
+
+    facedistill arcface-torch cache-teacher configs/glint360k_mbf_md        # torchrun works too: each rank a share
+    torchrun --nproc_per_node 8 train_v2.py configs/glint360k_mbf_md
+"""
+
+from easydict import EasyDict as edict
+
+# make training faster
+# our RAM is 256G
+# mount -t tmpfs -o size=140G  tmpfs /train_tmp
+
+config = edict()
+config.margin_list = (1.0, 0.0, 0.4)
+config.network = "mbf"
+config.resume = False
+config.output = None
+config.embedding_size = 512
+config.sample_rate = 1.0
+config.fp16 = True
+config.momentum = 0.9
+config.weight_decay = 1e-4
+config.batch_size = 128
+config.lr = 0.1
+config.verbose = 2000
+config.dali = False
+
+config.rec = "/train_tmp/glint360k"
+config.num_classes = 360232
+config.num_image = 17091657
+config.num_epoch = 20
+config.warmup_epoch = 0
+config.val_targets = ["lfw", "cfp_fp", "agedb_30"]
+
+# Distillation (facedistill): MarginDistillation against the teacher's frozen class centres, per-sample margin
+# from 0.2 to 0.5 at s = 64 (the paper), dataset-level normaliser, clamp and guard (facedistill's fixes).
+config.loss = "margin_distillation"
+config.loss_params = dict(scale=64.0, m_min=0.2, m_max=0.5, normaliser="dataset")
+config.teacher = "work_dirs/glint360k_r100"
+config.teacher_network = "r100"
+config.teacher_cache = "work_dirs/glint360k_r100/teacher_cache"

@@ -1,0 +1,46 @@
+"""ms1mv2_mbf.py of arcface_torch, distilled from its r100 twin (ms1mv2_r100) with MarginDistillation.
+
+Identical to the framework's configs/ms1mv2_mbf.py but for the distillation keys at the end. The teacher is the
+run of configs/ms1mv2_r100 (work_dirs/ms1mv2_r100: model.pt, and checkpoint_gpu_*.pt when it ran with
+save_all_states = True, whose PartialFC shards give the teacher's own class centres; without them the centres are
+the per-class means of the cached teacher embeddings). Embed MS1MV2 (faces_emore) with it once, then train:
+
+    facedistill arcface-torch cache-teacher configs/ms1mv2_mbf_md        # torchrun works too: each rank a share
+    torchrun --nproc_per_node 8 train_v2.py configs/ms1mv2_mbf_md
+"""
+
+from easydict import EasyDict as edict
+
+# make training faster
+# our RAM is 256G
+# mount -t tmpfs -o size=140G  tmpfs /train_tmp
+
+config = edict()
+config.margin_list = (1.0, 0.5, 0.0)
+config.network = "mbf"
+config.resume = False
+config.output = None
+config.embedding_size = 512
+config.sample_rate = 1.0
+config.fp16 = True
+config.momentum = 0.9
+config.weight_decay = 1e-4
+config.batch_size = 128
+config.lr = 0.1
+config.verbose = 2000
+config.dali = False
+
+config.rec = "/train_tmp/faces_emore"
+config.num_classes = 85742
+config.num_image = 5822653
+config.num_epoch = 40
+config.warmup_epoch = 0
+config.val_targets = ["lfw", "cfp_fp", "agedb_30"]
+
+# Distillation (facedistill): MarginDistillation against the teacher's frozen class centres, per-sample margin
+# from 0.2 to 0.5 at s = 64 (the paper), dataset-level normaliser, clamp and guard (facedistill's fixes).
+config.loss = "margin_distillation"
+config.loss_params = dict(scale=64.0, m_min=0.2, m_max=0.5, normaliser="dataset")
+config.teacher = "work_dirs/ms1mv2_r100"
+config.teacher_network = "r100"
+config.teacher_cache = "work_dirs/ms1mv2_r100/teacher_cache"

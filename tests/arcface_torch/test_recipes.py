@@ -1,0 +1,79 @@
+"""Every shipped recipe loads through the framework's own get_config, and each _md twin differs from its
+upstream config only in the distillation keys."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.arcface_torch.helpers import UPSTREAM, copy_upstream, run
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+NAMES = sorted(path.stem for path in RECIPES.glob("*.py") if not path.name.startswith("_"))
+TWINS = [name for name in NAMES if name.endswith("_md") and (UPSTREAM / "configs" / f"{name[:-3]}.py").exists()]
+
+# In a fresh interpreter in the checkout (get_config imports configs.base and caches modules by name).
+LOAD = r"""
+import json, sys
+from utils.utils_config import get_config
+out = {}
+for path in sys.argv[1:]:
+    # get_config updates the module-level base config in place: a fresh one for every recipe, as in a run.
+    sys.modules.pop("configs.base", None)
+    cfg = get_config(path)
+    out[path] = {key: (list(value) if isinstance(value, tuple) else value) for key, value in cfg.items()}
+print(json.dumps(out, default=str))
+"""
+
+
+@pytest.fixture(scope="module")
+def loaded(upstream: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, object]]:
+    """Every recipe and every twin's upstream config, loaded by a patched checkout's get_config: the shipped
+    recipes through configs/ (where `patch` installs them) and, once more, straight from recipes/ (the relaxed
+    path rule)."""
+    root = copy_upstream(tmp_path_factory.mktemp("recipes") / "arcface_torch")
+    run([sys.executable, "-m", "facedistill.cli", "arcface-torch", "patch", str(root)], cwd=root)
+    paths = [f"configs/{name}" for name in NAMES] + [str(RECIPES / f"{name}.py") for name in NAMES]
+    paths += [f"configs/{name[:-3]}" for name in TWINS]
+    script = root / "load_all.py"
+    script.write_text(LOAD)
+    result = run([sys.executable, str(script), *paths], cwd=root)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_there_is_a_twin_for_every_upstream_mobilefacenet_config() -> None:
+    upstream_mbf = {"ms1mv2_mbf", "ms1mv3_mbf", "glint360k_mbf", "wf4m_mbf", "wf12m_mbf", "wf42m_pfc02_16gpus_mbf_bs8k"}
+    assert {f"{name}_md" for name in upstream_mbf} <= set(NAMES)
+    assert {"celeba299_mbf", "celeba299_mbf_md"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_recipe_loads_through_the_frameworks_get_config(loaded: dict, name: str) -> None:
+    cfg = loaded[f"configs/{name}"]
+    assert cfg["network"] == "mbf"
+    assert cfg["output"] == f"work_dirs/{name}"
+    assert loaded[str(RECIPES / f"{name}.py")] == cfg
+
+
+@pytest.mark.parametrize("name", TWINS)
+def test_a_twin_differs_from_its_upstream_config_only_in_distillation_keys(loaded: dict, name: str) -> None:
+    from facedistill.arcface_torch.recipe import PLUGIN_KEYS
+
+    twin, original = dict(loaded[f"configs/{name}"]), dict(loaded[f"configs/{name[:-3]}"])
+    twin.pop("output"), original.pop("output")
+    distillation = {key: twin.pop(key) for key in list(twin) if key in PLUGIN_KEYS}
+    assert twin == original
+    assert distillation["loss"] == "margin_distillation"
+    assert distillation["teacher"].endswith("_r100") and distillation["teacher_network"] == "r100"
+
+
+def test_the_cpu_protocol_twins_differ_only_in_distillation_keys(loaded: dict) -> None:
+    from facedistill.arcface_torch.recipe import PLUGIN_KEYS
+
+    baseline, md = dict(loaded["configs/celeba299_mbf"]), dict(loaded["configs/celeba299_mbf_md"])
+    baseline.pop("output"), md.pop("output")
+    assert {key: value for key, value in md.items() if key not in PLUGIN_KEYS} == baseline
+    assert md["loss"] == "margin_distillation" and md["teacher"] == "sface"

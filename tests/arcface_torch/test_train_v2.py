@@ -1,0 +1,137 @@
+"""The patched upstream ``train_v2.py``, run for real under a 2-process gloo torchrun on CPU."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from easydict import EasyDict as edict
+
+from tests.arcface_torch.helpers import LFW, facedistill, run, torchrun
+
+LOSS = re.compile(r"Loss (\d+\.\d+)")
+
+
+def losses(log: Path) -> list[float]:
+    return [float(match.group(1)) for match in LOSS.finditer(log.read_text())]
+
+
+def test_margin_distillation_trains_and_its_model_evaluates_and_exports(patched_checkout: Path) -> None:
+    root = patched_checkout
+    result = run(torchrun(2, "train_v2.py", "configs/tiny_md"), cwd=root)
+    log = root / "work_dirs" / "tiny_md" / "training.log"
+    values = losses(log)
+    assert len(values) >= 12, result.stdout[-2000:]
+    first, last = sum(values[:4]) / 4, sum(values[-4:]) / 4
+    assert last < first - 1.0, f"MarginDistillation loss did not fall: {values}"
+    # The framework's own CallBackVerification ran on the .bin val target, read without mxnet or pickle.load.
+    assert re.search(r"\[tinylfw\]\[\d+\]Accuracy-Flip: \d\.\d+", log.read_text())
+
+    model = root / "work_dirs" / "tiny_md" / "model.pt"
+    pairs = root.parent.parent / "tiny_pairs.txt"
+    evaluated = run(facedistill("eval", str(model), "--pairs", str(pairs), "--images", str(LFW)), cwd=root)
+    assert "accuracy" in evaluated.stdout.lower(), evaluated.stdout
+    exported = run(facedistill("export", str(model), "-o", str(root / "student.onnx")), cwd=root)
+    assert (root / "student.onnx").is_file(), exported.stdout
+
+
+def test_without_a_facedistill_loss_the_framework_trains_as_before(patched_checkout: Path) -> None:
+    result = run(torchrun(2, "train_v2.py", "configs/tiny"), cwd=patched_checkout)
+    log = patched_checkout / "work_dirs" / "tiny" / "training.log"
+    assert len(losses(log)) >= 12, result.stdout[-2000:]
+    assert "loss                     margin_distillation" not in log.read_text()
+
+
+def test_an_unknown_method_stops_the_run_in_one_line_listing_the_known_ones(patched_checkout: Path) -> None:
+    recipe = (patched_checkout / "configs" / "tiny_md.py").read_text().replace('"margin_distillation"', '"foo"')
+    (patched_checkout / "configs" / "tiny_foo.py").write_text(recipe)
+    result = run(torchrun(1, "train_v2.py", "configs/tiny_foo"), cwd=patched_checkout, check=False)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert lines, result.stderr[-3000:]
+    assert "config.loss: unknown method 'foo'" in lines[0]
+    assert "margin_distillation" in lines[0] and "arcdistill" in lines[0] and "arcface" in lines[0]
+    assert not (patched_checkout / "work_dirs" / "tiny_foo" / "model.pt").exists()
+
+
+def _recipe(root: Path, **changes: object) -> edict:
+    """The tiny MD recipe as the framework loads it (base.py merged with the job file), with ``changes``."""
+    namespace: dict[str, object] = {}
+    exec((root / "configs" / "base.py").read_text(), namespace)
+    cfg = namespace["config"]
+    job: dict[str, object] = {}
+    exec((root / "configs" / "tiny_md.py").read_text(), job)
+    cfg.update(job["config"])
+    cfg.update(changes)
+    return cfg
+
+
+@pytest.fixture
+def in_checkout(patched_checkout: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(patched_checkout)
+    return patched_checkout
+
+
+def test_a_teacher_of_another_embedding_size_is_refused_with_both_numbers(in_checkout: Path) -> None:
+    from facedistill.arcface_torch.head import build_distill_head
+    from facedistill.arcface_torch.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=r"128-d embeddings but config.embedding_size = 512"):
+        build_distill_head(_recipe(in_checkout, embedding_size=512), 0, 1)
+
+
+def test_a_class_count_other_than_the_datas_is_refused_with_both_numbers(in_checkout: Path) -> None:
+    from facedistill.arcface_torch.head import build_distill_head
+    from facedistill.arcface_torch.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=r"config.num_classes = 5 but data/tiny holds 6 identities"):
+        build_distill_head(_recipe(in_checkout, num_classes=5), 0, 1)
+
+
+def test_a_teachers_head_with_other_classes_is_refused_with_both_numbers(in_checkout: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import numpy as np
+
+    from facedistill.arcface_torch.head import build_distill_head
+    from facedistill.arcface_torch.recipe import RecipeError
+
+    cache = tmp_path / "cache"
+    shutil.copytree(in_checkout / "data" / "tiny" / "teacher_cache", cache)
+    np.save(cache / "head_centres.npy", np.random.default_rng(0).normal(size=(9, 128)).astype(np.float32))
+    cfg = _recipe(in_checkout, teacher_cache=str(cache), teacher_centres="head")
+    with pytest.raises((RecipeError, ValueError), match=r"9 classes .* 6"):
+        build_distill_head(cfg, 0, 1)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("dataset_fingerprint", "recordio:another", "built for another dataset"),
+        ("teacher_id", "sface-0000000000000000-RGB_mean0_std1", "holds embeddings of teacher"),
+    ],
+)
+def test_a_cache_of_another_rec_or_teacher_is_refused(
+    in_checkout: Path, tmp_path: Path, field: str, value: str, message: str
+) -> None:
+    import shutil
+
+    from facedistill.arcface_torch.head import build_distill_head
+
+    cache = tmp_path / "cache"
+    shutil.copytree(in_checkout / "data" / "tiny" / "teacher_cache", cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest[field] = value
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=message):
+        build_distill_head(_recipe(in_checkout, teacher_cache=str(cache)), 0, 1)
+
+
+def test_a_missing_cache_says_how_to_build_it(in_checkout: Path, tmp_path: Path) -> None:
+    from facedistill.arcface_torch.head import build_distill_head
+    from facedistill.arcface_torch.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=r"facedistill arcface-torch cache-teacher"):
+        build_distill_head(_recipe(in_checkout, teacher_cache=str(tmp_path / "none")), 0, 1)
