@@ -130,8 +130,8 @@ def test_kd_weight_adds_hintons_soft_logit_term_over_the_frozen_centres() -> Non
         create_method({**spec, "temperature": 0.0}, _context(centres, typicality))
 
 
-def test_the_head_is_sharded_over_processes_only_without_the_kd_term() -> None:
+def test_the_head_is_sharded_over_processes_with_or_without_the_kd_term() -> None:
     method_cls, params = method_params({"name": "margin_distillation"})
     assert method_cls.head_can_shard(params)
-    assert not method_cls.head_can_shard(method_params({"name": "margin_distillation", "kd_weight": 1.0})[1])
+    assert method_cls.head_can_shard(method_params({"name": "margin_distillation", "kd_weight": 1.0})[1])
     assert not METHODS.get("kd").head_can_shard(method_params({"name": "kd"})[1])

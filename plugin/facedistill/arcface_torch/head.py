@@ -13,13 +13,17 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from facedistill.arcface_torch.data import open_framework_dataset
 from facedistill.arcface_torch.recipe import RecipeError, method_name, method_params, teacher_cache_dir
-from facedistill.arcface_torch.teacher import recipe_teacher_id
+from facedistill.arcface_torch.teacher import recipe_teacher_id, teacher_head_shards
 from facedistill.distill.base import DistillMethod, MethodContext
+from facedistill.heads.sharded import shard_range
 from facedistill.teachers.cache import TeacherCache, class_centres
+from facedistill.teachers.centres import load_centre_shard, mean_centre_shard, typicality_max_shard
 
 
 class DistillHead(nn.Module):
@@ -65,7 +69,8 @@ def build_distill_head(cfg: Any, rank: int, world_size: int) -> DistillHead:
     name = method_name(cfg)
     method_cls, params = method_params(cfg)
     dataset = open_framework_dataset(cfg.rec)
-    if dataset.num_classes != int(cfg.num_classes):
+    num_classes = int(cfg.num_classes)
+    if dataset.num_classes != num_classes:
         raise RecipeError(
             f"config.num_classes = {cfg.num_classes} but {cfg.rec} holds {dataset.num_classes} identities; set "
             "config.num_classes to the training set's"
@@ -86,23 +91,80 @@ def build_distill_head(cfg: Any, rank: int, world_size: int) -> DistillHead:
             f"{cache.embedding_size}"
         )
     labels = np.asarray(dataset.labels, dtype=np.int64)
-    centres, _ = class_centres(cache, labels, int(cfg.num_classes), cfg.get("teacher_centres") or "auto")
-    if centres.shape[0] != int(cfg.num_classes):
-        raise RecipeError(
-            f"the teacher's head has {centres.shape[0]} classes but config.num_classes = {cfg.num_classes}"
-        )
     steps_per_epoch = int(cfg.num_image) // (int(cfg.batch_size) * world_size)
-    context = MethodContext(
-        num_classes=int(cfg.num_classes),
-        embedding_size=int(cfg.embedding_size),
-        centres=centres,
-        typicality=cache.typicality(centres, labels),
-        steps_per_epoch=steps_per_epoch,
-        shard_heads=world_size > 1 and method_cls.head_can_shard(params),
-    )
+    shard = world_size > 1 and method_cls.head_can_shard(params)
+    context = MethodContext(num_classes, int(cfg.embedding_size), steps_per_epoch=steps_per_epoch, shard_heads=shard)
+    if method_cls.takes_local_centres:
+        # Millions of identities: this rank's block of the centres only, and the dataset-level normaliser from
+        # each rank's own classes, combined with one all-reduce.
+        rank_in_split, split = (rank, world_size) if shard else (0, 1)
+        local = _local_centres(cfg, cache, labels, num_classes, rank_in_split, split)
+        start, _ = shard_range(num_classes, rank_in_split, split)
+        context.local_centres = local
+        context.typicality_max = _global_max(typicality_max_shard(cache, labels, local, start), split)
+    else:
+        centres = _full_centres(cfg, cache, labels, num_classes)
+        context.centres = centres
+        context.typicality = cache.typicality(centres, labels)
     method = method_cls(params, context)
     if world_size > 1:
         from facedistill.train.distributed import check_replicated_parameters
 
         check_replicated_parameters(method, name or "")
     return DistillHead(method, cache, steps_per_epoch)
+
+
+def _centre_source(cfg: Any) -> str:
+    return cfg.get("teacher_centres") or "auto"
+
+
+def _head_rows_check(rows: int, num_classes: int) -> None:
+    if rows != num_classes:
+        raise RecipeError(
+            f"the teacher's head has {rows} classes but config.num_classes = {num_classes}: its centres only apply "
+            "to the dataset it was trained on; set config.teacher_centres = 'mean'"
+        )
+
+
+def _local_centres(
+    cfg: Any, cache: TeacherCache, labels: np.ndarray, num_classes: int, rank: int, world_size: int
+) -> torch.Tensor:
+    """This rank's block of the L2-normalised centres: from the teacher run's own PartialFC shards (only those
+    that overlap it are opened), a small teacher's head in the cache, or the per-class means of the cache."""
+    source = _centre_source(cfg)
+    shards = teacher_head_shards(cfg)
+    if source in ("auto", "head"):
+        if shards:
+            return F.normalize(load_centre_shard(shards, num_classes, cache.embedding_size, rank, world_size), dim=1)
+        head = cache.head_centres()
+        if head is not None:
+            _head_rows_check(head.shape[0], num_classes)
+            start, end = shard_range(num_classes, rank, world_size)
+            return F.normalize(head[start:end], dim=1)
+        if source == "head":
+            raise RecipeError(
+                f"config.teacher_centres = 'head' but the teacher {cfg.teacher!r} has no head (no checkpoint_gpu_*.pt "
+                "from a run with save_all_states = True); use 'mean' or 'auto'"
+            )
+    return mean_centre_shard(cache, labels, num_classes, rank, world_size)
+
+
+def _full_centres(cfg: Any, cache: TeacherCache, labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """The whole [C, d] matrix, for methods that read every class on every rank (small and medium datasets)."""
+    shards = teacher_head_shards(cfg)
+    if shards and _centre_source(cfg) in ("auto", "head"):
+        return F.normalize(load_centre_shard(shards, num_classes, cache.embedding_size, 0, 1), dim=1)
+    head = cache.head_centres()
+    if head is not None and _centre_source(cfg) in ("auto", "head"):
+        _head_rows_check(head.shape[0], num_classes)
+    centres, _ = class_centres(cache, labels, num_classes, _centre_source(cfg))
+    return centres
+
+
+def _global_max(value: float, world_size: int) -> float:
+    if world_size == 1:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())

@@ -18,11 +18,11 @@ hyper-parameter names its key. Nothing here executes anything but the recipe fil
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +71,13 @@ def method_params(cfg: Any) -> tuple[type, Any]:
     params = cfg.get("loss_params") or {}
     if not isinstance(params, dict):
         raise RecipeError(f"config.loss_params must be a dict of {name}'s hyper-parameters, got {params!r}")
+    params = dict(params)
+    fields = {field.name for field in dataclasses.fields(methods[name].Params)}
+    if "sample_rate" in fields and "sample_rate" not in params:
+        # The framework's own PartialFC key samples the method's frozen centres the same way.
+        params["sample_rate"] = float(cfg.get("sample_rate", 1.0))
     try:
-        return methods[name], from_dict(methods[name].Params, dict(params), prefix="config.loss_params")
+        return methods[name], from_dict(methods[name].Params, params, prefix="config.loss_params")
     except (ConfigError, ValueError, TypeError) as error:
         raise RecipeError(str(error)) from None
 
@@ -113,12 +118,6 @@ def validate(cfg: Any) -> Any:
         raise RecipeError(
             f"config.loss = {name!r} reads each image's cached teacher embedding by record index, which {source} "
             "does not give; set config.dali = False and point config.rec at a .rec folder or image folder"
-        )
-    if float(cfg.get("sample_rate", 1.0)) < 1.0:
-        warnings.warn(
-            f"config.sample_rate = {cfg.sample_rate}: the {name} head scores every class of its shard (frozen "
-            "centres need no gradient or optimiser state, so they are not sampled)",
-            stacklevel=2,
         )
     return cfg
 

@@ -33,13 +33,18 @@ def _is_run(cfg: Any) -> bool:
 
 
 def create_recipe_teacher(cfg: Any, device: str = "cpu") -> Teacher:
-    """The recipe's teacher, ready to embed uint8 RGB faces."""
+    """The recipe's teacher, ready to embed uint8 RGB faces. A run's head shards are not merged here: at millions
+    of identities every training rank reads only its own block of them (``teacher_head_shards``)."""
     if not _is_run(cfg):
         return create_teacher(str(cfg.teacher))
-    weights, shards = _run_files(cfg)
-    return create_teacher(
-        str(weights), arch=NETWORKS[cfg.teacher_network], head_checkpoint=shards or None, device=device
-    )
+    weights, _ = _run_files(cfg)
+    return create_teacher(str(weights), arch=NETWORKS[cfg.teacher_network], device=device)
+
+
+def teacher_head_shards(cfg: Any) -> list[Path]:
+    """The PartialFC head files of the recipe's teacher run (empty for ONNX teachers and runs saved without
+    ``save_all_states``)."""
+    return _run_files(cfg)[1] if _is_run(cfg) else []
 
 
 def recipe_teacher_id(cfg: Any) -> str:

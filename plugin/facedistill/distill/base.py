@@ -31,6 +31,10 @@ class MethodContext:
     centres: torch.Tensor | None = None
     # cos(teacher embedding, its class centre) for every cached image and its mirror, [N, 2].
     typicality: torch.Tensor | None = None
+    # At scale no rank holds the full centres or the typicality of every image: this rank's block of the centres
+    # (PartialFC's split, ``heads.sharded.shard_range``) and the max typicality over the whole training set.
+    local_centres: torch.Tensor | None = None
+    typicality_max: float | None = None
     steps_per_epoch: int = 1
     # Several processes (torchrun) and a method whose head only scores the margin loss: build ShardedMarginHead,
     # the class centres split over the ranks (set by the training loop, from ``DistillMethod.shards_head``).
@@ -46,6 +50,9 @@ class DistillMethod(nn.Module):
     # processes it may be a ShardedMarginHead; methods that read the full logits or move the centres keep a full,
     # frozen head on every rank.
     shards_head: ClassVar[bool] = False
+    # It builds its head from this rank's block of the centres alone (``MethodContext.local_centres``), so at
+    # millions of identities no rank needs the full matrix.
+    takes_local_centres: ClassVar[bool] = False
     Params: ClassVar[type]
 
     def __init__(self, params: Any, context: MethodContext) -> None:

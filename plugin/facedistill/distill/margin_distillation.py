@@ -27,7 +27,13 @@ and gives a dense per-image signal where the margin loss only sees the class cen
 A second refinement, off by default (``kd_weight=0``): Hinton's soft-logit term over the same frozen centres,
 ``kd_weight * T^2 * mean_i KL(softmax(s cos(t_i, W) / T) || softmax(s cos(f_s,i, W) / T))`` (as in ``kd``). The
 margin loss says how far from its own centre each image may sit; the soft term adds where the teacher places it
-among all the other classes. It reads every class's logit, so with it the head is not sharded over processes.
+among all the other classes.
+
+At scale (several processes, ``sample_rate < 1`` or ``centre_dtype="float16"``) the head is
+``facedistill.heads.partial_fc.FrozenPartialFC``: the frozen centres sharded over the ranks as PartialFC_V2 splits
+them, sampled like it (every positive of the global batch plus random others of each shard), stored in half
+precision if asked, and both terms computed over the same sampled shards with distributed maxima and sums. With
+one process, ``sample_rate=1`` and float32 centres it computes what ``MarginHead`` does, exactly.
 """
 
 from __future__ import annotations
@@ -50,7 +56,8 @@ from facedistill.distill.base import (
 )
 from facedistill.distill.embedding import embedding_distance
 from facedistill.distill.kd import centre_kd
-from facedistill.heads.sharded import ShardedMarginHead
+from facedistill.heads.partial_fc import FrozenPartialFC
+from facedistill.heads.sharded import ShardedMarginHead, group_rank_and_size, shard_tensor
 
 
 @dataclass
@@ -64,12 +71,18 @@ class MarginDistillationParams:
     embedding_weight: float = 0.0
     kd_weight: float = 0.0
     temperature: float = 4.0
+    # PartialFC_V2's share of each shard's negatives scored per step (positives always are); 1 scores them all.
+    sample_rate: float = 1.0
+    # Storage of the frozen unit centres: float16 halves it at millions of identities (see heads.partial_fc).
+    centre_dtype: Literal["float32", "float16"] = "float32"
 
     def __post_init__(self) -> None:
         check_positive("embedding_weight", self.embedding_weight)
         check_positive("kd_weight", self.kd_weight)
         check_positive("temperature", self.temperature, allow_zero=False)
         check_margin_loss(self.scale, None)
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise ConfigError(f"method.sample_rate must be in (0, 1], got {self.sample_rate}")
         if not 0.0 <= self.m_min <= self.m_max:
             raise ConfigError(f"method: need 0 <= m_min <= m_max, got m_min={self.m_min}, m_max={self.m_max}")
 
@@ -100,28 +113,42 @@ def per_sample_margins(
 class MarginDistillation(DistillMethod):
     name = "margin_distillation"
     shards_head = True
+    takes_local_centres = True
     Params = MarginDistillationParams
-
-    @classmethod
-    def head_can_shard(cls, params: MarginDistillationParams) -> bool:
-        return params.kd_weight == 0
 
     def __init__(self, params: MarginDistillationParams, context: MethodContext) -> None:
         super().__init__(params, context)
-        assert context.centres is not None
-        self.head = build_margin_head(
-            context, params.scale, 1.0, params.m_min, 0.0, learnable=False, centres=context.centres
-        )
+        at_scale = context.shard_heads or params.sample_rate < 1.0 or params.centre_dtype == "float16"
+        if at_scale or context.local_centres is not None:
+            self.head = FrozenPartialFC(
+                context.num_classes,
+                _local_centres(context),
+                params.scale,
+                1.0,
+                params.m_min,
+                0.0,
+                sample_rate=params.sample_rate,
+                dtype=getattr(torch, params.centre_dtype),
+                undo_ddp_average=context.shard_heads,
+            )
+        else:
+            assert context.centres is not None
+            self.head = build_margin_head(
+                context, params.scale, 1.0, params.m_min, 0.0, learnable=False, centres=context.centres
+            )
         dataset_max = None
         if params.normaliser == "dataset":
-            if context.typicality is None:
+            if context.typicality_max is not None:
+                dataset_max = torch.tensor(float(context.typicality_max))
+            elif context.typicality is not None:
+                dataset_max = context.typicality.float().max()
+            else:
                 raise ValueError("method.normaliser=dataset needs the teacher cache's typicality of every image")
-            dataset_max = context.typicality.float().max()
         self.register_buffer("dataset_max", dataset_max, persistent=False)
 
     def margins(self, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         normaliser = self.dataset_max
-        if isinstance(self.head, ShardedMarginHead):
+        if isinstance(self.head, (ShardedMarginHead, FrozenPartialFC)):
             # This rank holds only some centres; and "batch" means the global batch, as on one process.
             typicality = self.head.true_class_cosine(teacher, labels)
             if normaliser is None and self.head.distributed:
@@ -144,11 +171,29 @@ class MarginDistillation(DistillMethod):
     ) -> dict[str, torch.Tensor]:
         assert teacher is not None
         margin = self.margins(teacher, labels)
-        losses = {"margin_arcface": margin_cross_entropy(self.head, embeddings, labels, margin)}
+        kd: torch.Tensor | None = None
+        if isinstance(self.head, FrozenPartialFC):
+            with_kd = teacher if self.params.kd_weight > 0 else None
+            terms = self.head(embeddings, labels, margin, with_kd, self.params.temperature)
+            losses = {"margin_arcface": terms["margin"]}
+            kd = terms.get("kd")
+        else:
+            losses = {"margin_arcface": margin_cross_entropy(self.head, embeddings, labels, margin)}
+            if self.params.kd_weight > 0:
+                kd = centre_kd(self.head, embeddings, teacher, self.params.scale, self.params.temperature)
         if self.params.embedding_weight > 0:
             distance = embedding_distance(embeddings, teacher, "cosine").mean()
             losses["embedding"] = self.params.embedding_weight * distance
-        if self.params.kd_weight > 0:
-            kd = centre_kd(self.head, embeddings, teacher, self.params.scale, self.params.temperature)
+        if kd is not None:
             losses["kd"] = self.params.kd_weight * kd
         return losses
+
+
+def _local_centres(context: MethodContext) -> torch.Tensor:
+    """This rank's block of the frozen centres: given (at scale), or cut from the full matrix."""
+    if context.local_centres is not None:
+        return context.local_centres
+    if context.centres is None:
+        raise ValueError("margin_distillation needs the teacher's class centres")
+    rank, world_size = group_rank_and_size() if context.shard_heads else (0, 1)
+    return shard_tensor(context.centres, rank, world_size)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from facedistill.data.datasets import Batch
+from facedistill.heads.partial_fc import FrozenPartialFC
 from facedistill.heads.sharded import (
     ShardedMarginHead,
     shard_optimizer_state,
@@ -186,9 +187,13 @@ def ddp(model: nn.Module, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
-def sharded_heads(method: nn.Module) -> dict[str, ShardedMarginHead]:
+def sharded_heads(method: nn.Module) -> dict[str, ShardedMarginHead | FrozenPartialFC]:
     """The method's sharded heads by module name (``head`` for every method here)."""
-    return {name: module for name, module in method.named_modules() if isinstance(module, ShardedMarginHead)}
+    return {
+        name: module
+        for name, module in method.named_modules()
+        if isinstance(module, (ShardedMarginHead, FrozenPartialFC))
+    }
 
 
 def check_replicated_parameters(method: nn.Module, method_name: str) -> None:
