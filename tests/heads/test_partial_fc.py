@@ -1,0 +1,183 @@
+"""FrozenPartialFC: MarginDistillation with sharded, sampled, frozen centres, against single-process references.
+
+The two-rank checks run in one spawned gloo world; each rank writes what it computed, and the tests compare it
+with the single-process computation (``MarginHead`` + cross-entropy + ``centre_kd``) on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import socket
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from facedistill.distill.base import MethodContext
+from facedistill.distill.kd import centre_kd
+from facedistill.distill.margin_distillation import MarginDistillation, MarginDistillationParams
+from facedistill.heads import MarginHead
+from facedistill.heads.partial_fc import FrozenPartialFC
+from facedistill.heads.sharded import shard_range
+
+WORLD = 2
+C, D, B_LOCAL, IN = 11, 6, 4, 5
+SCALE, TEMPERATURE = 16.0, 3.0
+RATE = 0.7
+TOL = {"atol": 2e-5, "rtol": 2e-5}
+
+
+def _data() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "inputs": torch.randn(WORLD * B_LOCAL, IN, generator=generator),
+        "teacher": torch.randn(WORLD * B_LOCAL, D, generator=generator),
+        "centres": F.normalize(torch.randn(C, D, generator=generator), dim=1),
+        "labels": torch.tensor([3, 9, 9, 0, 5, 10, 1, 3]),
+        "margins": 0.2 + 0.3 * torch.rand(WORLD * B_LOCAL, generator=generator),
+    }
+
+
+def _backbone() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Linear(IN, D)
+
+
+def _params(**extra: object) -> MarginDistillationParams:
+    return MarginDistillationParams(scale=SCALE, normaliser="batch", kd_weight=0.7, temperature=TEMPERATURE, **extra)
+
+
+def _reference_md() -> tuple[float, dict[str, torch.Tensor]]:
+    """MarginDistillation + the angle term on one process: MarginHead, F.cross_entropy and centre_kd."""
+    data = _data()
+    backbone = _backbone()
+    method = MarginDistillation(_params(), MethodContext(C, D, centres=data["centres"]))
+    assert isinstance(method.head, MarginHead)
+    terms = method(backbone(data["inputs"]), data["labels"], data["teacher"])
+    loss = sum(terms.values())
+    loss.backward()
+    return float(loss.detach()), {name: p.grad.clone() for name, p in backbone.named_parameters()}
+
+
+def _world(rank: int, port: int, out_dir: str) -> None:
+    results: dict[str, object] = {}
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+            timeout=datetime.timedelta(seconds=60),
+        )  # fmt: skip
+        data = _data()
+        rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+        # 1. sample_rate 1: the two-process method equals the one-process one (loss and backbone gradients).
+        backbone = DistributedDataParallel(_backbone())
+        context = MethodContext(C, D, centres=data["centres"], shard_heads=True)
+        method = MarginDistillation(_params(centre_dtype="float32"), context)
+        assert isinstance(method.head, FrozenPartialFC)
+        terms = method(backbone(data["inputs"][rows]), data["labels"][rows], data["teacher"][rows])
+        loss = sum(terms.values())
+        loss.backward()
+        results["md_loss"] = float(loss)
+        results["md_grads"] = {name: p.grad.tolist() for name, p in backbone.module.named_parameters()}
+        # 2. sample_rate < 1: which columns each rank scored, and the loss over them.
+        start, end = shard_range(C, rank, WORLD)
+        torch.manual_seed(100 + rank)
+        head = FrozenPartialFC(C, data["centres"][start:end], SCALE, m2=0.3, sample_rate=RATE, dtype=torch.float32)
+        embeddings = data["teacher"].flip(0)[rows].clone()
+        sampled = head(embeddings, data["labels"][rows], data["margins"][rows], data["teacher"][rows], TEMPERATURE)
+        results["sampled_columns"] = (head.last_columns + start).tolist()
+        results["sampled_margin"] = float(sampled["margin"])
+        results["sampled_kd"] = float(sampled["kd"])
+        dist.destroy_process_group()
+    except Exception:  # reported by the test, with the rank's traceback
+        results["error"] = traceback.format_exc()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    out_dir = tmp_path_factory.mktemp("partial_fc")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_world, args=(port, str(out_dir)), nprocs=WORLD, join=True, start_method="spawn")
+    results = [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+    errors = [result["error"] for result in results if "error" in result]
+    assert not errors, "\n".join(errors)
+    return results
+
+
+def test_two_processes_equal_one_with_the_angle_term(world: list[dict]) -> None:
+    loss, grads = _reference_md()
+    for rank in range(WORLD):
+        assert world[rank]["md_loss"] == pytest.approx(loss, rel=1e-5)
+        for name, grad in grads.items():
+            torch.testing.assert_close(torch.tensor(world[rank]["md_grads"][name]), grad, **TOL)
+
+
+def test_sampling_keeps_every_positive_and_the_loss_is_that_of_the_sampled_set(world: list[dict]) -> None:
+    data = _data()
+    columns = sorted(world[0]["sampled_columns"] + world[1]["sampled_columns"])
+    assert set(data["labels"].tolist()) <= set(columns)
+    for rank in range(WORLD):
+        start, end = shard_range(C, rank, WORLD)
+        positives = {label for label in data["labels"].tolist() if start <= label < end}
+        assert len(world[rank]["sampled_columns"]) == max(int(RATE * (end - start)), len(positives))
+    assert len(columns) < C, "some negatives must have been left out"
+    # By hand, over the sampled classes only: margin cross-entropy and the soft-logit KL.
+    index = torch.tensor(columns)
+    position = {int(c): i for i, c in enumerate(columns)}
+    target = torch.tensor([position[int(label)] for label in data["labels"]])
+    x = F.normalize(data["teacher"].flip(0), dim=1)
+    t = F.normalize(data["teacher"], dim=1)
+    cos = x @ data["centres"][index].T
+    theta = torch.acos(cos.gather(1, target[:, None]).squeeze(1).clamp(-1 + 1e-6, 1 - 1e-6))
+    logits = cos.scatter(1, target[:, None], torch.cos(theta + data["margins"])[:, None]) * SCALE
+    margin_loss = F.cross_entropy(logits, target)
+    student = F.log_softmax(SCALE * cos / TEMPERATURE, dim=1)
+    teacher = F.log_softmax(SCALE * (t @ data["centres"][index].T) / TEMPERATURE, dim=1)
+    kd = F.kl_div(student, teacher, reduction="batchmean", log_target=True) * TEMPERATURE**2
+    for rank in range(WORLD):
+        assert world[rank]["sampled_margin"] == pytest.approx(float(margin_loss), rel=1e-5)
+        assert world[rank]["sampled_kd"] == pytest.approx(float(kd), rel=1e-5)
+
+
+def test_one_process_equals_margin_head_and_centre_kd_in_loss_and_gradient() -> None:
+    data = _data()
+    embeddings = data["teacher"].flip(0).clone().requires_grad_()
+    head = FrozenPartialFC(C, data["centres"], SCALE, m2=0.3, dtype=torch.float32, chunk=3)
+    terms = head(embeddings, data["labels"], data["margins"], data["teacher"], TEMPERATURE)
+    (terms["margin"] + 0.7 * terms["kd"]).backward()
+    ours = embeddings.grad.clone()
+    embeddings.grad = None
+    reference = MarginHead(C, D, SCALE, 1.0, 0.3, 0.0, learnable=False, centres=data["centres"])
+    ce = F.cross_entropy(reference(embeddings, data["labels"], data["margins"]), data["labels"])
+    kd = centre_kd(reference, embeddings, data["teacher"], SCALE, TEMPERATURE)
+    (ce + 0.7 * kd).backward()
+    torch.testing.assert_close(terms["margin"], ce.detach(), **TOL)
+    torch.testing.assert_close(terms["kd"], kd.detach(), **TOL)
+    torch.testing.assert_close(ours, embeddings.grad, **TOL)
+
+
+def test_frozen_centres_have_no_gradient_and_no_optimiser_state() -> None:
+    data = _data()
+    head = FrozenPartialFC(C, data["centres"], SCALE)
+    assert list(head.parameters()) == []
+    assert head.weight.dtype == torch.float16 and not head.weight.requires_grad
+    assert head.held_bytes() == C * D * 2
+
+
+def test_half_precision_centres_move_the_loss_by_little() -> None:
+    data = _data()
+    embeddings = data["teacher"].flip(0)
+    full = FrozenPartialFC(C, data["centres"], 64.0, m2=0.3, dtype=torch.float32)
+    half = FrozenPartialFC(C, data["centres"], 64.0, m2=0.3, dtype=torch.float16)
+    exact = full(embeddings, data["labels"], data["margins"])["margin"]
+    rounded = half(embeddings, data["labels"], data["margins"])["margin"]
+    assert abs(float(rounded - exact)) < 2e-2 * max(1.0, abs(float(exact)))
