@@ -135,3 +135,28 @@ def test_a_missing_cache_says_how_to_build_it(in_checkout: Path, tmp_path: Path)
 
     with pytest.raises(RecipeError, match=r"facedistill arcface-torch cache-teacher"):
         build_distill_head(_recipe(in_checkout, teacher_cache=str(tmp_path / "none")), 0, 1)
+
+
+@pytest.mark.parametrize("method", ["arcdistill", "kd", "angular", "margin_distillation"])
+def test_the_zoos_methods_the_recipe_can_serve_build_and_score_a_batch(in_checkout: Path, method: str) -> None:
+    import torch
+
+    from facedistill.arcface_torch.data import RecordFaceDataset
+    from facedistill.arcface_torch.head import build_distill_head
+
+    params = {} if method != "margin_distillation" else {"kd_weight": 1.0}
+    head = build_distill_head(_recipe(in_checkout, loss=method, loss_params=params), 0, 1)
+    dataset = RecordFaceDataset("data/tiny", sample_info=True)
+    batch = [dataset[index] for index in range(4)]
+    labels, index, mirrored = (torch.stack([item[k] for item in batch]) for k in (1, 2, 3))
+    embeddings = torch.randn(4, 128, requires_grad=True)
+    loss = head.train()(embeddings, labels, index, mirrored)
+    loss.backward()
+    assert torch.isfinite(loss) and embeddings.grad is not None and embeddings.grad.abs().sum() > 0
+
+
+def test_methods_that_need_identity_balanced_batches_are_refused_with_the_reason(in_checkout: Path) -> None:
+    from facedistill.arcface_torch.recipe import RecipeError, validate
+
+    with pytest.raises(RecipeError, match="unknown method 'triplet' .*identity-balanced batches"):
+        validate(_recipe(in_checkout, loss="triplet"))
