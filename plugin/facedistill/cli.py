@@ -139,15 +139,21 @@ def cache_teacher(
     batch_size: int = 64,
     workers: int = 2,
     overwrite: bool = False,
+    exclude: Annotated[
+        Path | None,
+        typer.Option(help="Identity list (e.g. val_identities.txt) left out, as data.exclude_identities does."),
+    ] = None,
 ) -> None:
     """Embed every training image and its mirror with the teacher, once (resumable)."""
     from facedistill.data.datasets import open_training_set
+    from facedistill.data.splits import read_identity_list
     from facedistill.teachers import create_teacher
     from facedistill.teachers.cache import build_teacher_cache
 
     try:
+        excluded = read_identity_list(exclude) if exclude is not None else None
         cache = build_teacher_cache(
-            create_teacher(teacher), open_training_set(data), out, batch_size, workers, overwrite
+            create_teacher(teacher), open_training_set(data, exclude=excluded), out, batch_size, workers, overwrite
         )
     except (ValueError, FileNotFoundError, OSError) as error:
         _fail(error)
@@ -387,28 +393,68 @@ def align(
 def pack(
     source: Annotated[Path, typer.Argument(help="Identity folders to pack (root/<identity>/<image>).")],
     out: Annotated[Path, typer.Argument(help="Output directory for train.rec/.idx/property, or a .bin file.")],
-    pairs: Annotated[Path | None, typer.Option(help="Pack these pairs (LFW/TSV) into a .bin instead.")] = None,
+    pairs: Annotated[
+        Path | None,
+        typer.Option(help="Pack these pairs (LFW pairs.txt, or a TSV with paths relative to SOURCE) into a .bin."),
+    ] = None,
+    exclude: Annotated[
+        Path | None,
+        typer.Option(help="Identity list (e.g. val_identities.txt) to leave out of the RecordIO pack."),
+    ] = None,
 ) -> None:
     """Folder -> insightface RecordIO (train.rec/.idx/property), or pairs -> .bin verification pack."""
     from facedistill.data.datasets import ImageFolderDataset
     from facedistill.data.recordio import pack_folder_to_recordio
+    from facedistill.data.splits import read_identity_list
     from facedistill.data.verification import pack_pairs_to_bin
 
     try:
         if pairs is not None:
             from facedistill.eval.verify import load_pairs_set
 
+            if exclude is not None:
+                raise ValueError(
+                    "--exclude applies to a training pack, not to --pairs: a pairs pack holds exactly the pairs given"
+                )
+            out.parent.mkdir(parents=True, exist_ok=True)
             pack_pairs_to_bin(load_pairs_set(pairs, source).pairs, out)
             typer.echo(f"wrote {out}")
             return
-        folder = ImageFolderDataset(source)
+        excluded = read_identity_list(exclude) if exclude is not None else None
+        folder = ImageFolderDataset(source, exclude=excluded)
         samples = [
             (folder.root / rel, int(label)) for rel, label in zip(folder.relative_paths, folder.labels, strict=True)
         ]
         pack_folder_to_recordio(samples, out)
     except (ValueError, FileNotFoundError, OSError) as error:
         _fail(error)
-    typer.echo(f"packed {len(folder)} images of {folder.num_classes} identities into {out}")
+    left_out = f" ({len(folder.excluded)} identities of {exclude} left out)" if folder.excluded else ""
+    typer.echo(f"packed {len(folder)} images of {folder.num_classes} identities into {out}{left_out}")
+
+
+@app.command()
+def split(
+    data: Annotated[Path, typer.Argument(help="Identity folders (root/<identity>/<image>) to hold identities out of.")],
+    out_dir: Annotated[Path, typer.Argument(help="Writes OUT_DIR/val_identities.txt and OUT_DIR/val_pairs.tsv.")],
+    val_identities: Annotated[int, typer.Option(help="Identities held out of training.")] = 30,
+    pairs_per_fold: Annotated[
+        int, typer.Option(help="Same-identity pairs per fold; each fold has as many different-identity pairs.")
+    ] = 30,
+    folds: Annotated[int, typer.Option(help="Folds of the pairs.")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of the identity and pair draws.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing split files (not once results use them).")] = False,
+) -> None:
+    """A fixed, seeded validation split: held-out identities and their same/different pairs (paths relative to
+    DATA), to choose on instead of a test set. Train with --set data.exclude_identities=OUT_DIR/val_identities.txt
+    --set data.val_pairs=OUT_DIR/val_pairs.tsv --set data.val_images=DATA."""
+    from facedistill.data.splits import make_identity_split, write_split
+
+    try:
+        made = make_identity_split(data, val_identities, pairs_per_fold, folds, seed)
+        identities_path, pairs_path = write_split(made, out_dir, overwrite=overwrite)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        _fail(error)
+    typer.echo(f"{made.summary()}\nwrote {identities_path} and {pairs_path}")
 
 
 def parse_method_variant(entry: str) -> tuple[str, dict[str, Any]]:

@@ -50,6 +50,11 @@ class DataSection:
     # "identity_balanced": batches of batch_size / images_per_identity identities (triplet, EKD, RKD need pairs).
     sampler: Literal["random", "identity_balanced"] = "random"
     images_per_identity: int = 4
+    # A list of identities (one folder name a line, e.g. a split's val_identities.txt from `facedistill split`) left
+    # out of an identity-folder training set, so that validation pairs of those identities measure unseen people.
+    # The labels of the rest stay contiguous; teacher and decoded caches are per exclusion. Not for RecordIO: pack
+    # without them (`facedistill pack SRC DST --exclude FILE`).
+    exclude_identities: str | None = None
     # A pairs file (LFW pairs.txt, TSV or .bin) used for validation during training. Never a test set.
     val_pairs: str | None = None
     val_images: str | None = None

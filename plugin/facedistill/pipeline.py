@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from facedistill.config import Config, apply_overrides, from_dict, load_config
 from facedistill.data.datasets import collate_faces, open_training_set
+from facedistill.data.splits import read_identity_list
 from facedistill.eval.metrics import VerificationResult, plot_roc
 from facedistill.eval.verify import Embedder, evaluate_pairs, load_pairs_set, student_embedder
 from facedistill.teachers.cache import build_teacher_cache, class_centres
@@ -79,7 +80,10 @@ def compare_methods(
     match, and a student whose run finished with exactly the same resolved config is not trained again."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dataset = open_training_set(train_data)
+    # The students train on data.exclude_identities' subset (the loop reads it from the config): the teacher cache
+    # must be of the same subset, or the loop refuses it.
+    exclude_list = base_config.get("data", {}).get("exclude_identities")
+    dataset = open_training_set(train_data, exclude=read_identity_list(exclude_list) if exclude_list else None)
     started = time.perf_counter()
     cache = build_teacher_cache(
         teacher,

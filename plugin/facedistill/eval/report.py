@@ -107,13 +107,15 @@ def _plot_curves(train: dict[str, np.ndarray], val: dict[str, np.ndarray] | None
     _atomic_write(out, lambda handle: fig.savefig(handle, format="png"))
 
 
-def _sample_grid(train_path: Path, out: Path, identities: int) -> tuple[int, int]:
-    """Tile the first image of the first ``identities`` identities; returns (tiles drawn, unreadable skipped)."""
+def _sample_grid(train_path: Path, out: Path, identities: int, exclude: Path | None = None) -> tuple[int, int]:
+    """Tile the first image of the first ``identities`` training identities (held-out ones excluded); returns
+    (tiles drawn, unreadable skipped)."""
     from PIL import Image
 
     from facedistill.data.datasets import open_training_set
+    from facedistill.data.splits import read_identity_list
 
-    dataset = open_training_set(train_path)
+    dataset = open_training_set(train_path, exclude=read_identity_list(exclude) if exclude else None)
     _, first = np.unique(np.asarray(dataset.labels), return_index=True)
     tiles = []
     skipped = 0
@@ -353,7 +355,10 @@ def write_run_report(run_dir: str | os.PathLike[str], sample_identities: int = 1
         notes.append(f"training set `{train_path}` not found from {Path.cwd()}: no sample grid.")
     else:
         try:
-            drawn, skipped = _sample_grid(Path(train_path), run / SAMPLES_PNG, sample_identities)
+            exclude = data_section.get("exclude_identities")
+            drawn, skipped = _sample_grid(
+                Path(train_path), run / SAMPLES_PNG, sample_identities, Path(exclude) if exclude else None
+            )
             lines.append(f"First aligned image of each of the first {drawn} identities of `{train_path}`:")
             lines += ["", f"![training samples]({SAMPLES_PNG})"]
             if skipped:

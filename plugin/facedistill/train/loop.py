@@ -28,6 +28,7 @@ from tqdm import tqdm
 from facedistill.config import Config, save_config
 from facedistill.data.datasets import FaceDataset, collate_faces, open_training_set
 from facedistill.data.samplers import IdentityBalancedSampler
+from facedistill.data.splits import read_identity_list
 from facedistill.distill import MethodContext, create_method, method_params
 from facedistill.models import create_model
 from facedistill.teachers.cache import TeacherCache, class_centres
@@ -198,7 +199,12 @@ def _train(config: Config, resume: bool, progress: bool, env: Distributed, devic
     seed_everything(config.run.seed)
 
     # Data, teacher cache and the method's context.
-    dataset = open_training_set(config.data.train, config.data.skip_bad_images, config.data.decoded_cache)
+    dataset = open_training_set(
+        config.data.train,
+        config.data.skip_bad_images,
+        config.data.decoded_cache,
+        exclude=read_identity_list(config.data.exclude_identities) if config.data.exclude_identities else None,
+    )
     batch_size = config.data.batch_size
     # Every rank draws the same global batch of batch_size images and trains on its contiguous share of it.
     rank_batch = local_batch_size(batch_size, env.world_size)
