@@ -61,8 +61,18 @@ def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: ProcessGroup | N
     return tensor
 
 
-def _chunks(columns: torch.Tensor, chunk: int) -> list[tuple[int, torch.Tensor]]:
-    return [(start, columns[start : start + chunk]) for start in range(0, columns.shape[0], chunk)]
+def _chunks(columns: torch.Tensor, chunk: int, rows: int) -> list[tuple[int, int, torch.Tensor | slice]]:
+    """(start, stop, rows of the weight) of each chunk of ``columns``: a slice, which reads the weight in place,
+    when every row is scored (sample_rate 1), else the sampled row indices."""
+    every = columns.shape[0] == rows
+    return [
+        (
+            start,
+            min(start + chunk, columns.shape[0]),
+            slice(start, start + chunk) if every else columns[start : start + chunk],
+        )
+        for start in range(0, columns.shape[0], chunk)
+    ]
 
 
 def _global_logsumexp(
@@ -93,9 +103,9 @@ class _ChunkedMarginCrossEntropy(torch.autograd.Function):
         true_logit = scale * margin_target_logit(true_cos, m1, margin, m3)
         peak = x.new_full((x.shape[0],), -torch.inf)
         total = x.new_zeros(x.shape[0])
-        for start, block in _chunks(columns, chunk):
+        for start, stop, block in _chunks(columns, chunk, weight.shape[0]):
             z = scale * (x @ weight[block].float().T)
-            here = (owned & (target >= start) & (target < start + block.shape[0])).nonzero().squeeze(1)
+            here = (owned & (target >= start) & (target < stop)).nonzero().squeeze(1)
             z[here, target[here] - start] = true_logit[here]
             peak, total = _online_update(z, peak, total)
         peak, total = _global_logsumexp(peak, total, group, world)
@@ -116,10 +126,10 @@ class _ChunkedMarginCrossEntropy(torch.autograd.Function):
         coefficient = grad / x.shape[0]
         owned = target >= 0
         grad_x = torch.zeros_like(x)
-        for start, block in _chunks(columns, ctx.chunk):
+        for start, stop, block in _chunks(columns, ctx.chunk, weight.shape[0]):
             centres = weight[block].float()
             z = scale * (x @ centres.T)
-            here = (owned & (target >= start) & (target < start + block.shape[0])).nonzero().squeeze(1)
+            here = (owned & (target >= start) & (target < stop)).nonzero().squeeze(1)
             z[here, target[here] - start] = true_logit[here]
             g = torch.exp(z - peak[:, None]).div_(total[:, None])
             g[here, target[here] - start] -= 1.0
@@ -148,7 +158,7 @@ class _ChunkedSoftKL(torch.autograd.Function):
         batch = x.shape[0]
         peak_s, total_s = x.new_full((batch,), -torch.inf), x.new_zeros(batch)
         peak_t, total_t = x.new_full((batch,), -torch.inf), x.new_zeros(batch)
-        for _, block in _chunks(columns, chunk):
+        for _, _, block in _chunks(columns, chunk, weight.shape[0]):
             centres = weight[block].float()
             peak_s, total_s = _online_update(factor * (x @ centres.T), peak_s, total_s)
             peak_t, total_t = _online_update(factor * (teacher @ centres.T), peak_t, total_t)
@@ -156,7 +166,7 @@ class _ChunkedSoftKL(torch.autograd.Function):
         peak_t, total_t = _global_logsumexp(peak_t, total_t, group, world)
         lse_s, lse_t = peak_s + total_s.log(), peak_t + total_t.log()
         cross = x.new_zeros(batch)
-        for _, block in _chunks(columns, chunk):
+        for _, _, block in _chunks(columns, chunk, weight.shape[0]):
             centres = weight[block].float()
             a, b = factor * (x @ centres.T), factor * (teacher @ centres.T)
             cross += (torch.exp(b - lse_t[:, None]) * (b - a)).sum(dim=1)
@@ -169,7 +179,7 @@ class _ChunkedSoftKL(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         x, teacher, columns, lse_s, lse_t = ctx.saved_tensors
         grad_x = torch.zeros_like(x)
-        for _, block in _chunks(columns, ctx.chunk):
+        for _, _, block in _chunks(columns, ctx.chunk, ctx.weight.shape[0]):
             centres = ctx.weight[block].float()
             q = torch.exp(ctx.factor * (x @ centres.T) - lse_s[:, None])
             p = torch.exp(ctx.factor * (teacher @ centres.T) - lse_t[:, None])
