@@ -16,8 +16,9 @@ and drops everything a frozen matrix does not need:
   relative error of at most 2^-11, so each cosine is off by at most ~1e-3 · |x|_1 / sqrt(d) in the worst case and
   ~1e-4 typically; at s = 64 that moves logits by ~1e-2 at most, well below the per-sample margins (0.2..0.5 rad).
   ``dtype=torch.float32`` keeps full precision (and is exact against the single-process reference).
-- **Scoring in chunks** of classes with an online log-sum-exp, recomputed in the backward pass: no [B, C_r] logit
-  matrix is ever stored, so memory is the centres plus O(B x chunk), whatever the number of classes.
+- **Scoring in chunks** of classes with an online log-sum-exp: the centres are read and widened to float32 one chunk
+  at a time, so no float32 copy of a shard exists. The margin loss keeps its [B, S] logits for the backward pass
+  (as PartialFC_V2 does); the angle term recomputes its logits there instead of keeping two more such matrices.
 
 Losses (B = global batch, S = this step's sampled classes over all ranks, z_ij = s cos(x_i, W_j)):
 
@@ -103,8 +104,13 @@ class _ChunkedMarginCrossEntropy(torch.autograd.Function):
         true_logit = scale * margin_target_logit(true_cos, m1, margin, m3)
         peak = x.new_full((x.shape[0],), -torch.inf)
         total = x.new_zeros(x.shape[0])
+        # The scaled logits [B, S] are kept for the backward pass (as PartialFC_V2 keeps its own), written chunk by
+        # chunk; the centres are read in chunks, so no float32 copy of the shard ever exists.
+        logits = x.new_empty((x.shape[0], columns.shape[0]))
         for start, stop, block in _chunks(columns, chunk, weight.shape[0]):
-            z = scale * (x @ weight[block].float().T)
+            z = logits[:, start:stop]
+            torch.matmul(x, weight[block].float().T, out=z)
+            z.mul_(scale)
             here = (owned & (target >= start) & (target < stop)).nonzero().squeeze(1)
             z[here, target[here] - start] = true_logit[here]
             peak, total = _online_update(z, peak, total)
@@ -115,25 +121,24 @@ class _ChunkedMarginCrossEntropy(torch.autograd.Function):
         _all_reduce(picked, dist.ReduceOp.SUM, group, world)
         if not bool((picked[:, 1] == 1.0).all()):
             raise ValueError("a label is outside [0, num_classes): no rank holds its class centre")
-        ctx.save_for_backward(x, columns, target, margin, true_cos, true_logit, peak, total)
+        ctx.save_for_backward(x, columns, target, margin, true_cos, true_logit, peak, total, logits)
         ctx.weight, ctx.scale, ctx.m1, ctx.m3, ctx.chunk = weight, scale, m1, m3, chunk
         return (total.log() + peak - picked[:, 0]).mean()
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x, columns, target, margin, true_cos, true_logit, peak, total = ctx.saved_tensors
+        x, columns, target, margin, true_cos, true_logit, peak, total, logits = ctx.saved_tensors
         weight, scale = ctx.weight, ctx.scale
         coefficient = grad / x.shape[0]
         owned = target >= 0
         grad_x = torch.zeros_like(x)
         for start, stop, block in _chunks(columns, ctx.chunk, weight.shape[0]):
-            centres = weight[block].float()
-            z = scale * (x @ centres.T)
+            # In place: the saved logits become this chunk's softmax gradient (a second backward is not supported).
+            g = logits[:, start:stop]
+            g.sub_(peak[:, None]).exp_().div_(total[:, None])
             here = (owned & (target >= start) & (target < stop)).nonzero().squeeze(1)
-            z[here, target[here] - start] = true_logit[here]
-            g = torch.exp(z - peak[:, None]).div_(total[:, None])
             g[here, target[here] - start] -= 1.0
-            grad_x += g @ centres
+            grad_x += g @ weight[block].float()
         grad_x.mul_(scale)
         # The true logit is s * f(cos), not s * cos: correct its column by f'(cos) - 1.
         rows = owned.nonzero().squeeze(1)
