@@ -139,7 +139,17 @@ def _worker(rank: int, world: int, port: int, job: dict, out: str) -> None:
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def measure(job: dict, world: int) -> dict:
+def measure(job: dict, world: int, attempts: int = 2) -> dict:
+    """One head on ``world`` processes; a start that lost its port to another program is retried once."""
+    try:
+        return _measure(job, world)
+    except RuntimeError as error:
+        if attempts > 1 and "address already in use" in str(error).lower():
+            return measure(job, world, attempts - 1)
+        raise
+
+
+def _measure(job: dict, world: int) -> dict:
     with tempfile.TemporaryDirectory() as out, socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
