@@ -92,6 +92,10 @@ def train(root: Path, nproc: int, recipe: str) -> tuple[float, Path]:
     return time.perf_counter() - started, root / "work_dirs" / Path(recipe).name / "training.log"
 
 
+def _finished(log: Path, steps: int) -> bool:
+    return log.exists() and any(int(step) == steps for step, _, _ in ACCURACY.findall(log.read_text()))
+
+
 def speed_round(root: Path, nproc: int, recipe: str, samples: int) -> list[float]:
     """Start the training, keep its first ``samples`` speed readings after the first (start-up), then stop it."""
     command = torchrun(nproc, "train_v2.py", recipe)
@@ -135,7 +139,12 @@ def main() -> None:
         recipe = bench_recipe(root, name, "_bench", {"num_epoch": args.epochs, "verbose": steps})
         entry: dict[str, object] = {"recipe": f"recipes/{name}.py", "epochs": args.epochs, "steps": steps}
         if not args.skip_training:
-            seconds, log = train(root, args.nproc, recipe)
+            log = root / "work_dirs" / Path(recipe).name / "training.log"
+            if _finished(log, steps):
+                # Resumable: a training whose log already holds its last step's verification is not run again.
+                seconds = float("nan")
+            else:
+                seconds, log = train(root, args.nproc, recipe)
             text = log.read_text()
             accuracies = ACCURACY.findall(text)
             losses = [float(value) for value in LOSS.findall(text)]

@@ -131,6 +131,9 @@ class MarginDistillation(DistillMethod):
                 dtype=getattr(torch, params.centre_dtype),
                 undo_ddp_average=context.shard_heads,
             )
+            # The head holds its own (possibly half-precision) copy; at millions of identities the context's
+            # float32 block would double the memory for nothing.
+            context.local_centres = None
         else:
             assert context.centres is not None
             self.head = build_margin_head(

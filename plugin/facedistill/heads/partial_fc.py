@@ -253,7 +253,11 @@ class FrozenPartialFC(nn.Module):
         self.chunk = chunk
         self.undo_ddp_average = undo_ddp_average
         self.learnable = False
-        unit = F.normalize(local_centres.detach().float(), dim=1).to(dtype)
+        # Normalised block by block: no float32 copy of a million-row shard is ever made.
+        unit = torch.empty(local_centres.shape, dtype=dtype, device=local_centres.device)
+        for start in range(0, num_local, chunk):
+            block = local_centres[start : start + chunk].detach().float()
+            unit[start : start + chunk] = F.normalize(block, dim=1).to(dtype)
         self.register_buffer("weight", unit)
         # This step's sampled columns of the shard (all of them at sample_rate 1), for inspection and tests.
         self.last_columns: torch.Tensor | None = None
