@@ -217,12 +217,12 @@ def main() -> None:
         f"Command: `{summary['command']}`  ",
         f"Machine: {summary['machine']}",
         "",
-        "| head | sample_rate | processes | memory per rank (GiB, peak) | step (s) |",
-        "|---|---|---|---|---|",
+        "| head | sample_rate | processes | memory per rank (GiB, peak in a step) | held after building (GiB) | step (s) |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        memory, seconds = r["peak_gib_per_rank"], r["step_seconds"]
-        lines.append(f"| {r['kind']} | {r['sample_rate']} | {r['world']} | {memory:.2f} | {seconds:.2f} |")
+        memory, held, seconds = r["peak_gib_per_rank"], r["held_gib_per_rank"], r["step_seconds"]
+        lines.append(f"| {r['kind']} | {r['sample_rate']} | {r['world']} | {memory:.2f} | {held:.2f} | {seconds:.2f} |")
     lines.append("")
     for rate, values in ratios.items():
         parts = []
