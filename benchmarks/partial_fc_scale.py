@@ -217,7 +217,7 @@ def main() -> None:
         f"Command: `{summary['command']}`  ",
         f"Machine: {summary['machine']}",
         "",
-        "| head | sample_rate | processes | memory per rank (GiB, peak in a step) | held after building (GiB) | step (s) |",
+        "| head | sample_rate | processes | memory per rank (GiB, step peak) | held after building (GiB) | step (s) |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
