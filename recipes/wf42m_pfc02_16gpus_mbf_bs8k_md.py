@@ -41,7 +41,9 @@ config.val_targets = []
 # Distillation (facedistill): MarginDistillation against the teacher's frozen class centres, per-sample margin
 # from 0.2 to 0.5 at s = 64 (the paper), dataset-level normaliser, clamp and guard (facedistill's fixes).
 config.loss = "margin_distillation"
-config.loss_params = dict(scale=64.0, m_min=0.2, m_max=0.5, normaliser="dataset")
+# 2,059,906 identities: the frozen centres in half precision (unit vectors; see facedistill.heads.partial_fc),
+# sampled at the recipe's sample_rate like the framework's PartialFC_V2.
+config.loss_params = dict(scale=64.0, m_min=0.2, m_max=0.5, normaliser="dataset", centre_dtype="float16")
 config.teacher = "work_dirs/wf42m_pfc02_16gpus_r100"
 config.teacher_network = "r100"
 config.teacher_cache = "work_dirs/wf42m_pfc02_16gpus_r100/teacher_cache"

@@ -1,10 +1,12 @@
 """A facedistill method behind PartialFC_V2's call contract: ``loss = head(local_embeddings, local_labels, ...)``.
 
 The patched ``train_v2.py`` builds its margin head with ``hooks.build_head``. For a facedistill method it gets a
-:class:`DistillHead`: the method's own module (MarginDistillation's frozen, normalised teacher centres, sharded
-over the ranks exactly as PartialFC_V2 splits its classes, with the distributed cross-entropy of
-``facedistill.heads.sharded``), fed with the teacher cache's row of every sample, image or mirror. The math lives
-once, in ``facedistill.distill`` and ``facedistill.heads``; this module only adapts it to the framework.
+:class:`DistillHead`: the method's own module (for MarginDistillation, ``facedistill.heads.partial_fc.
+FrozenPartialFC``: the teacher's frozen, normalised centres sharded over the ranks exactly as PartialFC_V2 splits
+its classes and sampled at ``config.sample_rate`` as it samples), fed with the teacher cache's row of every sample,
+image or mirror. The math lives once, in ``facedistill.distill`` and ``facedistill.heads``; this module only
+adapts it to the framework: it loads this rank's block of the teacher's centres and checks the recipe against the
+teacher and its cache before training starts.
 """
 
 from __future__ import annotations
