@@ -86,7 +86,7 @@ def bench_recipe(root: Path, name: str, suffix: str, overrides: dict[str, object
     return f"configs/{name}{suffix}"
 
 
-def train(root: Path, nproc: int, recipe: str) -> tuple[float, Path]:
+def train(root: Path, nproc: int, recipe: str) -> tuple[float | None, Path]:
     started = time.perf_counter()
     check(torchrun(nproc, "train_v2.py", recipe), root)
     return time.perf_counter() - started, root / "work_dirs" / Path(recipe).name / "training.log"
@@ -142,7 +142,7 @@ def main() -> None:
             log = root / "work_dirs" / Path(recipe).name / "training.log"
             if _finished(log, steps):
                 # Resumable: a training whose log already holds its last step's verification is not run again.
-                seconds = float("nan")
+                seconds = None
             else:
                 seconds, log = train(root, args.nproc, recipe)
             text = log.read_text()
@@ -150,7 +150,7 @@ def main() -> None:
             losses = [float(value) for value in LOSS.findall(text)]
             step, mean, std = accuracies[-1]
             entry.update(
-                train_seconds=round(seconds, 1),
+                train_seconds=None if seconds is None else round(seconds, 1),
                 lfw_step=int(step),
                 lfw_mean=float(mean) * 100,
                 lfw_std=float(std) * 100,
