@@ -149,7 +149,7 @@ def test_partial_fc_shards_merge_in_numeric_rank_order(tmp_path: Path) -> None:
     assert torch.equal(load_head_centres(tmp_path / "softmax_fc_gpu_3.pt"), expected)
 
     (tmp_path / "softmax_fc_gpu_5.pt").unlink()
-    with pytest.raises(ValueError, match=r"missing rank\(s\) \[5\]"):
+    with pytest.raises(ValueError, match=r"lack rank\(s\) \[5\]"):
         load_head_centres(tmp_path)
 
 

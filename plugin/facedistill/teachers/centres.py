@@ -30,11 +30,16 @@ import torch.nn.functional as F
 
 from facedistill.heads.sharded import shard_range
 from facedistill.teachers.cache import TeacherCache
-from facedistill.teachers.torch_teacher import _SHARD_PATTERNS, _centres_from, _shard_rank
+from facedistill.teachers.torch_teacher import (
+    _SHARD_NAMES,
+    _SHARD_PATTERNS,
+    _centres_from,
+    _shard_rank,
+    order_shard_files,
+)
 
 __all__ = ["load_centre_shard", "mean_centre_shard", "teacher_shard_files", "typicality_max_shard"]
 
-_SHARD_NAMES = "checkpoint_gpu_<rank>.pt, softmax_fc_gpu_<rank>.pt or rank_<rank>_softmax_weight.pt"
 
 PathLike = str | os.PathLike[str]
 
@@ -48,7 +53,7 @@ def teacher_shard_files(source: PathLike | Sequence[PathLike]) -> list[Path]:
     a missing or doubled rank would silently shift every later class block onto the wrong classes.
     """
     if isinstance(source, (list, tuple)):
-        return _ranked([Path(p) for p in source], "the given head files")
+        return order_shard_files([Path(p) for p in source], "the given head files")
     path = Path(source)  # type: ignore[arg-type]
     if path.is_dir():
         by_scheme = [[p for p in path.iterdir() if pattern.match(p.name)] for pattern in _SHARD_PATTERNS]
@@ -61,44 +66,14 @@ def teacher_shard_files(source: PathLike | Sequence[PathLike]) -> list[Path]:
                 f"{path} holds head shards of several naming schemes ({names}), which may come from different "
                 "runs: pass the list of one run's shard files instead of the directory"
             )
-        return _ranked(found[0], str(path))
+        return order_shard_files(found[0], str(path))
     if not path.is_file():
         raise FileNotFoundError(f"teacher head not found: {path}")
     parsed = _shard_rank(path)
     if parsed is None:
         return [path]
     pattern = _SHARD_PATTERNS[parsed[0]]
-    return _ranked([p for p in path.parent.iterdir() if pattern.match(p.name)], str(path.parent))
-
-
-def _ranked(paths: list[Path], where: str) -> list[Path]:
-    ranked: dict[int, Path] = {}
-    kinds: set[int] = set()
-    for path in paths:
-        parsed = _shard_rank(path)
-        if parsed is None:
-            raise ValueError(f"{path} is not named like a teacher head shard ({_SHARD_NAMES})")
-        kind, rank = parsed
-        kinds.add(kind)
-        if rank in ranked:
-            raise ValueError(f"teacher rank {rank} is given twice: {ranked[rank]} and {path}; keep one run's files")
-        ranked[rank] = path
-    if not ranked:
-        raise ValueError(f"no teacher head shards in {where}")
-    if len(kinds) > 1:
-        names = ", ".join(sorted(p.name for p in ranked.values()))
-        raise ValueError(f"teacher head shards in {where} mix naming schemes ({names}): pass one run's files")
-    missing = sorted(set(range(max(ranked) + 1)) - set(ranked))
-    if missing:
-        names = ", ".join(ranked[r].name for r in sorted(ranked))
-        raise ValueError(
-            f"teacher head shards in {where} lack rank(s) {missing} (found {names}): every rank's file is needed, "
-            "since each holds a different block of classes"
-        )
-    missing_files = [str(ranked[r]) for r in sorted(ranked) if not ranked[r].is_file()]
-    if missing_files:
-        raise FileNotFoundError(f"teacher head shard(s) not found: {', '.join(missing_files)}")
-    return [ranked[r] for r in sorted(ranked)]
+    return order_shard_files([p for p in path.parent.iterdir() if pattern.match(p.name)], str(path.parent))
 
 
 def _map_shard(path: Path) -> Any:

@@ -44,6 +44,7 @@ from facedistill.teachers.base import (
 
 ARCFACE_PREPROCESSING = Preprocessing(colour_order="RGB", mean=127.5, std=127.5)
 
+_SHARD_NAMES = "checkpoint_gpu_<rank>.pt, softmax_fc_gpu_<rank>.pt or rank_<rank>_softmax_weight.pt"
 _SHARD_PATTERNS = (
     re.compile(r"^softmax_fc_gpu_(\d+)\.pt$"),
     re.compile(r"^checkpoint_gpu_(\d+)\.pt$"),
@@ -97,32 +98,46 @@ def _shard_rank(path: Path) -> tuple[int, int] | None:
     return None
 
 
-def merge_partial_fc_shards(paths: Sequence[str | os.PathLike[str]]) -> torch.Tensor:
-    """Concatenate per-rank PartialFC centre files into ``[C, d]``, ordered by the rank in each file name.
-
-    Ranks must be exactly ``0..N-1`` of one naming scheme; sorting is numeric (rank 10 after rank 9).
-    """
+def order_shard_files(paths: Sequence[str | os.PathLike[str]], where: str) -> list[Path]:
+    """Per-rank head files in rank order (numeric: rank 10 after rank 9), refusing a name that is not a shard's,
+    a doubled or missing rank, mixed naming schemes and missing files: any of them would shift class blocks."""
     ranked: dict[int, Path] = {}
-    kinds = set()
+    kinds: set[int] = set()
     for raw in paths:
         path = Path(raw)
         parsed = _shard_rank(path)
         if parsed is None:
-            raise ValueError(f"{path.name} is not a PartialFC shard name (softmax_fc_gpu_<rank>.pt, ...)")
+            raise ValueError(f"{path} is not named like a teacher head shard ({_SHARD_NAMES})")
         kind, rank = parsed
         kinds.add(kind)
         if rank in ranked:
-            raise ValueError(f"rank {rank} given twice: {ranked[rank]} and {path}")
+            raise ValueError(f"teacher rank {rank} is given twice: {ranked[rank]} and {path}; keep one run's files")
         ranked[rank] = path
     if not ranked:
-        raise ValueError("no PartialFC shards given")
+        raise ValueError(f"no teacher head shards in {where}")
     if len(kinds) > 1:
         names = ", ".join(sorted(p.name for p in ranked.values()))
-        raise ValueError(f"PartialFC shards mix naming schemes: {names}")
+        raise ValueError(f"teacher head shards in {where} mix naming schemes ({names}): pass one run's files")
     missing = sorted(set(range(max(ranked) + 1)) - set(ranked))
     if missing:
-        raise ValueError(f"PartialFC shards are missing rank(s) {missing} (found {sorted(ranked)})")
-    parts = [_centres_from(_load(ranked[rank]), ranked[rank]) for rank in sorted(ranked)]
+        names = ", ".join(ranked[r].name for r in sorted(ranked))
+        raise ValueError(
+            f"teacher head shards in {where} lack rank(s) {missing} (found {names}): every rank's file is needed, "
+            "since each holds a different block of classes"
+        )
+    missing_files = [str(ranked[r]) for r in sorted(ranked) if not ranked[r].is_file()]
+    if missing_files:
+        raise FileNotFoundError(f"teacher head shard(s) not found: {', '.join(missing_files)}")
+    return [ranked[r] for r in sorted(ranked)]
+
+
+def merge_partial_fc_shards(paths: Sequence[str | os.PathLike[str]]) -> torch.Tensor:
+    """Concatenate per-rank PartialFC centre files into ``[C, d]``, ordered by the rank in each file name.
+
+    Ranks must be exactly ``0..N-1`` of one naming scheme (``order_shard_files``).
+    """
+    ordered = order_shard_files(paths, "the given files")
+    parts = [_centres_from(_load(path), path) for path in ordered]
     widths = {part.shape[1] for part in parts}
     if len(widths) != 1:
         raise ValueError(f"PartialFC shards disagree on the embedding size: {sorted(widths)}")
