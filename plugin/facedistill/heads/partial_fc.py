@@ -44,10 +44,10 @@ from facedistill.heads.margin import margin_target_logit
 from facedistill.heads.sharded import (
     _all_gather_single,
     _GatherWithGradient,
-    _reduce_scatter_single,
     gather_shards,
     group_rank_and_size,
     shard_range,
+    true_class_cosine,
 )
 
 if TYPE_CHECKING:
@@ -287,21 +287,10 @@ class FrozenPartialFC(nn.Module):
         draw[positive] = 2.0
         return torch.topk(draw, k=self.num_sample)[1].sort()[0]
 
-    @torch.no_grad()
     def true_class_cosine(self, vectors: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``cos(vectors_i, W_{labels_i})`` for the local batch, wherever the centre lives (collective):
         MarginDistillation's typicality c_i of the teacher embeddings."""
-        unit = F.normalize(vectors.float(), dim=1)
-        all_vectors, all_labels = self._gather(unit), self._gather(labels)
-        owned = ((all_labels >= self.class_start) & (all_labels < self.class_end)).nonzero().squeeze(1)
-        values = unit.new_zeros(all_labels.shape[0])
-        centres = self.weight[all_labels[owned] - self.class_start].float()
-        values[owned] = (all_vectors[owned] * centres).sum(dim=1)
-        if not self.distributed:
-            return values
-        local = unit.new_empty(labels.shape[0])
-        _reduce_scatter_single(local, values, op=dist.ReduceOp.SUM, group=self.group)
-        return local
+        return true_class_cosine(vectors, labels, self.weight, self.class_start, self.group, self.world_size)
 
     def forward(
         self,

@@ -201,6 +201,35 @@ def clip_grad_norm_sharded_(
     return total
 
 
+@torch.no_grad()
+def true_class_cosine(
+    vectors: torch.Tensor,
+    labels: torch.Tensor,
+    local_weight: torch.Tensor,
+    class_start: int,
+    group: ProcessGroup | None,
+    world_size: int,
+) -> torch.Tensor:
+    """``cos(vectors_i, W_{labels_i})`` for the local batch when each rank holds the unit centres ``local_weight``
+    of classes ``[class_start, class_start + len)`` (collective): every rank scores the gathered rows whose class it
+    holds, and a reduce-scatter hands each rank its own rows back. ``local_weight`` may be stored in half precision."""
+    unit = F.normalize(vectors.float(), dim=1)
+    if world_size == 1:
+        return (unit * local_weight[labels].float()).sum(dim=1)
+    all_vectors = unit.new_empty((world_size * unit.shape[0], unit.shape[1]))
+    all_labels = labels.new_empty(world_size * labels.shape[0])
+    _all_gather_single(all_vectors, unit.contiguous(), group=group)
+    _all_gather_single(all_labels, labels.contiguous(), group=group)
+    class_end = class_start + local_weight.shape[0]
+    owned = ((all_labels >= class_start) & (all_labels < class_end)).nonzero().squeeze(1)
+    contribution = unit.new_zeros(all_labels.shape[0])
+    centres = local_weight[all_labels[owned] - class_start].float()
+    contribution[owned] = (all_vectors[owned] * centres).sum(dim=1)
+    local = unit.new_empty(labels.shape[0])
+    _reduce_scatter_single(local, contribution, op=dist.ReduceOp.SUM, group=group)
+    return local
+
+
 class _GatherWithGradient(torch.autograd.Function):
     """All-gather of the local embeddings whose backward sums every rank's gradient of the global batch and
     returns this rank's part: each rank's loss graph only reaches its own centres' logits."""
@@ -376,17 +405,8 @@ class ShardedMarginHead(nn.Module):
     def true_class_cosine(self, vectors: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``cos(vectors_i, W_{labels_i})`` for the local batch, wherever the centre lives (collective): what
         MarginDistillation's typicality needs (``vectors`` = teacher embeddings) when a rank lacks most centres."""
-        weight = self._normalised_weight() if self.learnable else self.weight.float()
-        unit = F.normalize(vectors.float(), dim=1)
-        if not self.distributed:
-            return (unit * weight[labels]).sum(dim=1)
-        all_vectors, all_labels = self._gather(unit), self._gather(labels)
-        owned = ((all_labels >= self.class_start) & (all_labels < self.class_end)).nonzero().squeeze(1)
-        contribution = unit.new_zeros(all_labels.shape[0])
-        contribution[owned] = (all_vectors[owned] * weight[all_labels[owned] - self.class_start]).sum(dim=1)
-        local = unit.new_empty(labels.shape[0])
-        _reduce_scatter_single(local, contribution, op=dist.ReduceOp.SUM, group=self.group)
-        return local
+        weight = self._normalised_weight() if self.learnable else self.weight
+        return true_class_cosine(vectors, labels, weight, self.class_start, self.group, self.world_size)
 
     def full_state(self, dst: int | None = 0) -> torch.Tensor | None:
         """The full [C, d] centres on group rank ``dst`` (None elsewhere; ``dst=None``: on every rank), for
