@@ -46,13 +46,6 @@ class FrameworkFaces(Dataset):
         self.sample_info = sample_info
         self.flip = flip
 
-    @property
-    def num_classes(self) -> int:
-        return int(self.faces.num_classes)
-
-    def fingerprint(self) -> str:
-        return self.faces.fingerprint()
-
     def __len__(self) -> int:
         return len(self.faces)
 
