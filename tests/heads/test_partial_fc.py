@@ -7,6 +7,7 @@ with the single-process computation (``MarginHead`` + cross-entropy + ``centre_k
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import socket
 import traceback
@@ -67,37 +68,46 @@ def _reference_md() -> tuple[float, dict[str, torch.Tensor]]:
 
 
 def _world(rank: int, port: int, out_dir: str) -> None:
-    results: dict[str, object] = {}
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )  # fmt: skip
     try:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-            timeout=datetime.timedelta(seconds=60),
-        )  # fmt: skip
-        data = _data()
-        rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
-        # 1. sample_rate 1: the two-process method equals the one-process one (loss and backbone gradients).
-        backbone = DistributedDataParallel(_backbone())
-        context = MethodContext(C, D, centres=data["centres"], shard_heads=True)
-        method = MarginDistillation(_params(centre_dtype="float32"), context)
-        assert isinstance(method.head, FrozenPartialFC)
-        terms = method(backbone(data["inputs"][rows]), data["labels"][rows], data["teacher"][rows])
-        loss = sum(terms.values())
-        loss.backward()
-        results["md_loss"] = float(loss)
-        results["md_grads"] = {name: p.grad.tolist() for name, p in backbone.module.named_parameters()}
-        # 2. sample_rate < 1: which columns each rank scored, and the loss over them.
-        start, end = shard_range(C, rank, WORLD)
-        torch.manual_seed(100 + rank)
-        head = FrozenPartialFC(C, data["centres"][start:end], SCALE, m2=0.3, sample_rate=RATE, dtype=torch.float32)
-        embeddings = data["teacher"].flip(0)[rows].clone()
-        sampled = head(embeddings, data["labels"][rows], data["margins"][rows], data["teacher"][rows], TEMPERATURE)
-        results["sampled_columns"] = (head.last_columns + start).tolist()
-        results["sampled_margin"] = float(sampled["margin"])
-        results["sampled_kd"] = float(sampled["kd"])
-        dist.destroy_process_group()
+        results = _rank_results(rank)
     except Exception:  # reported by the test, with the rank's traceback
-        results["error"] = traceback.format_exc()
+        results = {"error": traceback.format_exc()}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    # DDP's reducer and the heads hold the process group; gloo aborts the process ("terminate called without an
+    # active exception") when they outlive it, so they are gone (the helper returned) before the group is destroyed.
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _rank_results(rank: int) -> dict[str, object]:
+    results: dict[str, object] = {}
+    data = _data()
+    rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+    # 1. sample_rate 1: the two-process method equals the one-process one (loss and backbone gradients).
+    backbone = DistributedDataParallel(_backbone())
+    context = MethodContext(C, D, centres=data["centres"], shard_heads=True)
+    method = MarginDistillation(_params(centre_dtype="float32"), context)
+    assert isinstance(method.head, FrozenPartialFC)
+    terms = method(backbone(data["inputs"][rows]), data["labels"][rows], data["teacher"][rows])
+    loss = sum(terms.values())
+    loss.backward()
+    results["md_loss"] = float(loss.detach())
+    results["md_grads"] = {name: p.grad.tolist() for name, p in backbone.module.named_parameters()}
+    # 2. sample_rate < 1: which columns each rank scored, and the loss over them.
+    start, end = shard_range(C, rank, WORLD)
+    torch.manual_seed(100 + rank)
+    head = FrozenPartialFC(C, data["centres"][start:end], SCALE, m2=0.3, sample_rate=RATE, dtype=torch.float32)
+    embeddings = data["teacher"].flip(0)[rows].clone()
+    sampled = head(embeddings, data["labels"][rows], data["margins"][rows], data["teacher"][rows], TEMPERATURE)
+    results["sampled_columns"] = (head.last_columns + start).tolist()
+    results["sampled_margin"] = float(sampled["margin"])
+    results["sampled_kd"] = float(sampled["kd"])
+    return results
 
 
 @pytest.fixture(scope="module")
