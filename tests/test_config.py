@@ -81,6 +81,7 @@ def _valid(*overrides: str) -> Config:
         (("method.name=arcface", "data.train=''"), "^data.train: not set"),
         (("method.name=arcface", "model.name=resnet9000"), "^model.name: unknown backbone 'resnet9000'; known: "),
         (("method.name=arcface", "train.select=best_val"), "best_val needs data.val_pairs"),
+        (("method.name=kd", "teacher.subtract_mean=true", "teacher.centres=head"), "set teacher.centres=mean"),
         (("method.name=arcface", "run.device=gpu"), "^run.device: 'gpu' is not a device"),
     ],
 )

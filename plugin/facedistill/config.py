@@ -76,6 +76,9 @@ class TeacherSection:
     cache: str | None = None
     # Class centres: "auto" takes the teacher's head when it has one, else per-class means of the cached embeddings.
     centres: Literal["auto", "head", "mean"] = "auto"
+    # Subtract the mean teacher embedding (over every image and mirror) from every teacher embedding before the
+    # method sees it, and build mean centres from the centred embeddings: removes the direction they all share.
+    subtract_mean: bool = False
     # Mirrored training images take the teacher embedding of the mirror image (the cache holds both).
     mirror_rows: bool = True
 

@@ -175,3 +175,32 @@ def test_centres_are_normalised_class_means_of_images_and_mirrors(tmp_path, data
     assert torch.allclose(typicality[members][:, 0], rows[members][:, 0] @ expected, atol=1e-5)
     with pytest.raises(ValueError, match="holds no head centres"):
         class_centres(cache, dataset.labels, dataset.num_classes, source="head")
+
+
+def test_subtract_mean_centres_the_embeddings_before_the_class_means(tmp_path, dataset) -> None:
+    cache = build_teacher_cache(ProjectionTeacher(), dataset, tmp_path / "cache", num_workers=0, progress=False)
+    rows = F.normalize(torch.from_numpy(np.asarray(cache.embeddings, dtype=np.float32)), dim=2)
+    mean = cache.mean_embedding()
+    assert torch.allclose(mean, rows.reshape(-1, 16).mean(0), atol=1e-6)
+    centres, source = class_centres(cache, dataset.labels, dataset.num_classes, offset=mean)
+    assert source == "mean-centred"
+    members = torch.from_numpy(dataset.labels == 1)
+    centred = rows[members].reshape(-1, 16) - mean
+    expected = F.normalize(centred.mean(0), dim=0)
+    assert torch.allclose(centres[1], expected, atol=1e-5)
+    typicality = cache.typicality(centres, dataset.labels, offset=mean)
+    assert torch.allclose(
+        typicality[members][:, 1], F.normalize(rows[members][:, 1] - mean, dim=1) @ expected, atol=1e-5
+    )
+    # The shared direction is gone: the centred centres average to (nearly) nothing, the raw ones do not.
+    raw, _ = class_centres(cache, dataset.labels, dataset.num_classes)
+    assert centres.mean(0).norm() < raw.mean(0).norm()
+
+
+def test_subtract_mean_refuses_a_teacher_head(tmp_path, dataset) -> None:
+    cache = build_teacher_cache(ProjectionTeacher(), dataset, tmp_path / "cache", num_workers=0, progress=False)
+    np.save(cache.directory / HEAD_CENTRES, np.eye(4, 16, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"holds the teacher's head .*teacher.centres=mean"):
+        class_centres(cache, dataset.labels, dataset.num_classes, offset=cache.mean_embedding())
+    centres, source = class_centres(cache, dataset.labels, dataset.num_classes, "mean", cache.mean_embedding())
+    assert source == "mean-centred" and centres.shape == (4, 16)

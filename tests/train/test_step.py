@@ -76,3 +76,14 @@ def test_a_non_finite_loss_stops_before_the_update_with_the_hint() -> None:
     with pytest.raises(TrainingDivergedError, match="loss is nan at step 7; resume from last.pt"):
         train_step(_batch(), step=7)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+def test_teacher_offset_is_subtracted_from_the_normalised_rows() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 8))
+    method = RecordingMethod()
+    offset = torch.linspace(0.0, 0.7, 8)
+    batch = _batch()
+    _step(method, model, teacher_offset=offset, flip=False)(batch, step=0)
+    _, teacher = method.seen[0]
+    raw = TwoViewCache().rows(batch.indices)
+    torch.testing.assert_close(teacher, F.normalize(raw, dim=1) - offset)

@@ -163,9 +163,11 @@ def prepare_method_context(
             f"{config.model.embedding_size}-d; set model.embedding_size={cache.embedding_size} (the student uses "
             "the teacher's class centres, so the sizes must match)"
         )
-    centres, source = class_centres(cache, dataset.labels, dataset.num_classes, config.teacher.centres)
+    offset = cache.mean_embedding() if config.teacher.subtract_mean else None
+    centres, source = class_centres(cache, dataset.labels, dataset.num_classes, config.teacher.centres, offset)
     context.centres = centres
-    context.typicality = cache.typicality(centres, dataset.labels)
+    context.teacher_offset = offset
+    context.typicality = cache.typicality(centres, dataset.labels, offset=offset)
     info = {
         "teacher_id": cache.teacher_id,
         "centres": source,
@@ -275,6 +277,7 @@ def _train(config: Config, resume: bool, progress: bool, env: Distributed, devic
         steps_per_epoch=steps_per_epoch,
         amp_dtype=amp_dtype,
         cache=cache,
+        teacher_offset=context.teacher_offset,
         env=env,
         divergence_hint=f"; the last good checkpoint is {run_dir / LAST}. Lower optim.lr or raise "
         "schedule.warmup_epochs, then --resume",

@@ -39,6 +39,11 @@ def validate_config(config: Config) -> tuple[type[DistillMethod], Any]:
             f"method '{name}' reads the teacher's embeddings from a cache: set teacher.cache "
             "(build it with `facedistill cache-teacher`)"
         )
+    if config.teacher.subtract_mean and config.teacher.centres == "head":
+        raise ConfigError(
+            "teacher.subtract_mean centres the mean class centres; a trained head has its own: "
+            "set teacher.centres=mean, or teacher.subtract_mean=false"
+        )
     if config.train.select == "best_val" and not config.data.val_pairs:
         raise ConfigError("train.select=best_val needs data.val_pairs (a validation set, never a test set)")
     if config.run.device != "auto":

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from facedistill.config import Config
 from facedistill.data.datasets import Batch
@@ -48,6 +49,8 @@ class TrainStep:
     memory_format: torch.memory_format = torch.channels_last
     amp_dtype: torch.dtype | None = None
     cache: TeacherCache | None = None
+    # Subtracted from every L2-normalised teacher row (``teacher.subtract_mean``), as from the centres' rows.
+    teacher_offset: torch.Tensor | None = None
     flip: bool = True
     mirror_rows: bool = True
     grad_clip: float = 0.0
@@ -103,7 +106,10 @@ class TrainStep:
         teacher = None
         if self.cache is not None:
             rows = mirrored if self.mirror_rows else None
-            teacher = self.cache.rows(batch.indices, rows).to(self.device, non_blocking=True)
+            teacher = self.cache.rows(batch.indices, rows)
+            if self.teacher_offset is not None:
+                teacher = F.normalize(teacher, dim=1) - self.teacher_offset
+            teacher = teacher.to(self.device, non_blocking=True)
         images = normalise(images.to(self.device, non_blocking=True)).contiguous(memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
 

@@ -1,0 +1,253 @@
+"""Why MarginDistillation trailed ArcFace on the CPU protocol, and what it takes to lead: a study on the
+celeba299 validation split (issue 15).
+
+Every row is facedistill's own training loop on CelebA-299 minus the 30 held-out identities of
+``recipes/splits/celeba299`` (269 identities, 5,686 images), MobileFaceNet-128, SFace teacher, and only the keys
+the row names differ from the shared recipe below. Training never sees a test set: the runs carry no
+``eval.tests``, and each run's validation accuracy (600 pairs of unseen identities, 10 folds, flip test) is what
+rows are compared on.
+
+    # ablations: train the named rows for one seed and print the validation table
+    python benchmarks/validation_study.py --out bench_out/study --epochs 2 --rows arcface md md_noclip
+    # the final table: the rows chosen on validation, for several seeds, then LFW once per model
+    python benchmarks/validation_study.py --out bench_out/study --epochs 2 --seeds 0 1 \\
+        --rows arcface md_faithful md_fixed md_fixed_kd --test
+
+A run whose directory already holds a finished run of the same config is not trained again, so the final table
+reuses the ablation's seed-0 runs. ``--test`` evaluates LFW on each run's last checkpoint (no checkpoint is
+chosen), writes per-fold paired differences against the first row, ROC curves and the students' angles to the
+teacher's class centres. Results: ``--out``/validation.{md,json} and, with ``--test``, ``--out``/final.{md,json},
+``roc_final.png``, ``angles_<row>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import platform
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
+from facedistill.config import Config, from_dict, load_config
+from facedistill.data.datasets import open_training_set
+from facedistill.data.splits import read_identity_list
+from facedistill.eval.metrics import VerificationResult, plot_roc
+from facedistill.eval.verify import evaluate_pairs, load_pairs_set, student_embedder
+from facedistill.pipeline import angles_to_centres, plot_angle_histograms
+from facedistill.teachers import create_teacher
+from facedistill.teachers.cache import TeacherCache, build_teacher_cache, class_centres
+from facedistill.train.checkpoint import load_student
+from facedistill.train.loop import model_profile, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+SPLIT = ROOT / "recipes" / "splits" / "celeba299"
+
+# The CPU protocol's student recipe (benchmarks/cpu_protocol.py), with a half-epoch warm-up for short schedules.
+BASE: dict[str, Any] = {
+    "data": {"batch_size": 128, "num_workers": 1},
+    "model": {"name": "mobilefacenet", "embedding_size": 128},
+    "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
+    "schedule": {"name": "cosine", "warmup_epochs": 0.5},
+    "train": {"amp": "none", "log_every": 11, "checkpoint_every": 1000, "export_onnx": False, "grad_clip": 5.0},
+}
+
+ARCFACE = {"name": "arcface", "scale": 32.0, "margin": 0.5}
+# The toolkit's MarginDistillation defaults (dataset normaliser, clamp, guard) at the CPU protocol's scale.
+MD = {"name": "margin_distillation", "scale": 32.0, "m_min": 0.2, "m_max": 0.5}
+# The paper and the official code: s = 64, per-batch normaliser, no clamp, no guard.
+MD_PAPER = {**MD, "scale": 64.0, "normaliser": "batch", "clamp": False, "guard": False}
+NO_CLIP = {"train": {"grad_clip": None}}
+CENTRED = {"teacher": {"subtract_mean": True}}
+
+ROWS: dict[str, dict[str, Any]] = {
+    "arcface": {"method": ARCFACE},
+    "arcface_noclip": {"method": ARCFACE, **NO_CLIP},
+    "md": {"method": MD},
+    "md_noclip": {"method": MD, **NO_CLIP},
+    "md_centred": {"method": MD, **CENTRED},
+    "md_centred_noclip": {"method": MD, **CENTRED, **NO_CLIP},
+    "md_s64": {"method": {**MD, "scale": 64.0}},
+    "md_batchnorm": {"method": {**MD, "normaliser": "batch"}},
+    "md_paper": {"method": MD_PAPER},
+    "md_paper_noclip": {"method": MD_PAPER, **NO_CLIP},
+    "arcdistill": {"method": {"name": "arcdistill", "scale": 32.0, "margin": 0.5}},
+    "md_kd": {"method": {**MD, "kd_weight": 1.0, "temperature": 4.0}},
+    "md_kd_noclip": {"method": {**MD, "kd_weight": 1.0, "temperature": 4.0}, **NO_CLIP},
+    "md_centred_kd": {"method": {**MD, "kd_weight": 1.0, "temperature": 4.0}, **CENTRED},
+    "md_lr02": {"method": MD, "optim": {"lr": 0.2}},
+    "arcface_lr02": {"method": ARCFACE, "optim": {"lr": 0.2}},
+}
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "method":
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def row_config(row: str, seed: int, epochs: float, out: Path, cache: Path) -> Config:
+    data = merge(BASE, ROWS[row])
+    data["run"] = {"seed": seed, "output_dir": str(out / "runs" / f"{row}_seed{seed}")}
+    data["data"].update(
+        train=str(SHARED / "celeba299"),
+        exclude_identities=str(SPLIT / "val_identities.txt"),
+        val_pairs=str(SPLIT / "val_pairs.tsv"),
+        val_images=str(SHARED / "celeba299"),
+    )
+    data["train"]["epochs"] = epochs
+    data["train"]["val_every_epochs"] = epochs  # once, at the end: nothing is selected on it during a run
+    data["teacher"] = {**data.get("teacher", {}), "spec": "sface", "cache": str(cache)}
+    return from_dict(Config, data)
+
+
+def finished(config: Config) -> dict[str, Any] | None:
+    run_dir = Path(config.run.output_dir)
+    results, saved = run_dir / "results.json", run_dir / "config.yaml"
+    if results.exists() and saved.exists() and load_config(saved).to_dict() == config.to_dict():
+        return json.loads(results.read_text())
+    return None
+
+
+def final_loss(run_dir: Path) -> float | None:
+    """Mean training loss over the last logged tenth of the run (``train.csv``), to see who is still learning."""
+    path = run_dir / "train.csv"
+    if not path.exists():
+        return None
+    with path.open() as handle:
+        losses = [float(row["loss"]) for row in csv.DictReader(handle)]
+    tail = losses[-max(1, len(losses) // 10) :]
+    return float(np.mean(tail)) if tail else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("bench_out/study"))
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--rows", nargs="+", default=["arcface", "md"], choices=sorted(ROWS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--test", action="store_true", help="evaluate LFW once per model: final rows only")
+    parser.add_argument("--cache", type=Path, help="teacher cache of the 269 training identities (else built)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    excluded = read_identity_list(SPLIT / "val_identities.txt")
+    dataset = open_training_set(SHARED / "celeba299", exclude=excluded)
+    cache_dir = args.cache or args.out / "teacher_cache"
+    if args.cache is None:
+        build_teacher_cache(create_teacher("sface"), dataset, cache_dir, num_workers=1)
+
+    validation_path = args.out / "validation.json"
+    table: dict[str, Any] = json.loads(validation_path.read_text()) if validation_path.exists() else {}
+    for row in args.rows:
+        for seed in args.seeds:
+            config = row_config(row, seed, args.epochs, args.out, cache_dir)
+            result = finished(config)
+            if result is None:
+                train(config)
+                result = json.loads((Path(config.run.output_dir) / "results.json").read_text())
+            key = f"{row}_seed{seed}"
+            table[key] = {
+                "row": row,
+                "seed": seed,
+                "epochs": args.epochs,
+                "overrides": ROWS[row],
+                "val_accuracy": result["validation"]["accuracy"],
+                "val_std": result["validation"]["std"],
+                "final_train_loss": final_loss(Path(config.run.output_dir)),
+                "images_per_second": result["images_per_second"],
+                "train_seconds": result["train_seconds"],
+            }
+            validation_path.write_text(json.dumps(table, indent=2))
+            print(f"{key}: val {table[key]['val_accuracy'] * 100:.2f} +- {table[key]['val_std'] * 100:.2f}")
+    lines = [
+        "| run | epochs | val acc. (mean +- fold std, %) | train loss (last tenth) | img/s | overrides |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, entry in table.items():
+        loss = entry["final_train_loss"]
+        lines.append(
+            f"| {key} | {entry['epochs']} | {entry['val_accuracy'] * 100:.2f} +- {entry['val_std'] * 100:.2f} | "
+            f"{'-' if loss is None else f'{loss:.2f}'} | {entry['images_per_second']:.1f} | "
+            f"`{json.dumps(entry['overrides'])}` |"
+        )
+    (args.out / "validation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if args.test:
+        final_table(args, dataset, TeacherCache(cache_dir))
+
+
+def final_table(args: argparse.Namespace, dataset: Any, cache: TeacherCache) -> None:
+    """LFW once per (row, seed): mean +- std over seeds and folds, paired per-fold differences to the first row."""
+    lfw = load_pairs_set(SHARED / "lfw_pairs.txt", SHARED / "lfw", name="lfw")
+    angle_rows = np.sort(np.random.default_rng(0).permutation(len(dataset))[:1024]).tolist()
+    sample = Subset(dataset, angle_rows)
+    final_path = args.out / "final.json"
+    report: dict[str, Any] = json.loads(final_path.read_text()) if final_path.exists() else {}
+    curves: dict[str, VerificationResult] = {}
+    teacher_mean: dict[str, float] = {}
+    for row in args.rows:
+        # Each student against the centres it trained with (centred ones for teacher.subtract_mean rows; the
+        # teacher's plain mean centres for ArcFace, which has none), and the teacher against the same centres.
+        offset = cache.mean_embedding() if ROWS[row].get("teacher", {}).get("subtract_mean") else None
+        centres, _ = class_centres(cache, dataset.labels, dataset.num_classes, "mean", offset)
+        typicality = cache.typicality(centres, dataset.labels, offset=offset)[:, 0].clamp(-1, 1)
+        teacher_angles = np.degrees(np.arccos(typicality.numpy()))[angle_rows]
+        teacher_mean[row] = float(teacher_angles.mean())
+        for seed in args.seeds:
+            key = f"{row}_seed{seed}"
+            run_dir = args.out / "runs" / key
+            if key not in report:
+                student, _ = load_student(run_dir / "last.pt")
+                result, _ = evaluate_pairs(student_embedder(student), lfw, num_workers=1)
+                angles = angles_to_centres(student_embedder(student), sample, centres)
+                report[key] = {"row": row, "seed": seed, "lfw": result.to_dict(), "angles": angles.tolist()}
+                final_path.write_text(json.dumps(report))
+            curves[key] = VerificationResult.from_dict(report[key]["lfw"])
+        plot_angle_histograms(
+            {f"{row} seed {s}": np.array(report[f"{row}_seed{s}"]["angles"]) for s in args.seeds}
+            | {"teacher (SFace)": teacher_angles},
+            args.out / f"angles_{row}.png",
+            f"Angle to the teacher's class centre, 1024 training images: {row}",
+        )
+    plot_roc(curves, args.out / "roc_final.png", "CPU protocol students on LFW (last checkpoint, each seed)")
+    baseline = args.rows[0]
+    profile = model_profile(row_config(baseline, 0, args.epochs, args.out, cache.directory))
+    lines = [
+        f"LFW, 6000 pairs, 10 folds; MobileFaceNet-128: {profile['params'] / 1e6:.2f} M params, "
+        f"{profile['macs'] / 1e9:.3f} G MACs; {args.epochs} epochs; seeds {args.seeds}; host {platform.node()}",
+        "",
+        f"| row | LFW acc. (mean +- std over seeds x folds, %) | per seed | paired diff. to {baseline} (mean +- std of "
+        "per-fold diffs, pp) | TAR@FAR=1e-3 | angle to teacher centre (deg) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in args.rows:
+        folds = np.concatenate([report[f"{row}_seed{s}"]["lfw"]["fold_accuracies"] for s in args.seeds]) * 100
+        base = np.concatenate([report[f"{baseline}_seed{s}"]["lfw"]["fold_accuracies"] for s in args.seeds]) * 100
+        diff = folds - base
+        per_seed = ", ".join(f"{report[f'{row}_seed{s}']['lfw']['accuracy_mean'] * 100:.2f}" for s in args.seeds)
+        tar = statistics.mean(float(report[f"{row}_seed{s}"]["lfw"]["tar_at_far"]["0.001"]) for s in args.seeds)
+        angle = statistics.mean(float(np.mean(report[f"{row}_seed{s}"]["angles"])) for s in args.seeds)
+        lines.append(
+            f"| {row} | {folds.mean():.2f} +- {folds.std(ddof=1):.2f} | {per_seed} | "
+            f"{diff.mean():+.2f} +- {diff.std(ddof=1) if row != baseline else 0.0:.2f} | {tar * 100:.2f} | "
+            f"{angle:.1f} (teacher {teacher_mean[row]:.1f}) |"
+        )
+    (args.out / "final.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    main()
