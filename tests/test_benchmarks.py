@@ -56,3 +56,19 @@ def test_partial_fc_scale_runs_both_heads_at_tiny_scale(tmp_path) -> None:
     assert {("margin_distillation", 0.1, 2), ("arcface", 1.0, 2), ("margin_distillation", 1.0, 1)} <= kinds
     assert all(row["step_seconds"] > 0 and row["loss"] > 0 for row in summary["rows"])
     assert set(summary["ratios"]) == {"0.1", "1.0"}
+
+
+def test_validation_study_rows_are_valid_runs_that_never_see_a_test_set(tmp_path) -> None:
+    from facedistill.train.recipe import validate_config
+
+    study = load_benchmark("validation_study")
+    for row, overrides in study.ROWS.items():
+        config = study.row_config(row, 1, 2.0, tmp_path, tmp_path / "cache")
+        validate_config(config)
+        assert config.eval.tests == [], row  # LFW is read only by --test, once per final model
+        assert config.data.exclude_identities.endswith("recipes/splits/celeba299/val_identities.txt")
+        assert config.data.val_pairs.endswith("recipes/splits/celeba299/val_pairs.tsv")
+        assert config.method == overrides["method"] and config.run.seed == 1
+    assert study.row_config("md_noclip", 0, 2.0, tmp_path, tmp_path).train.grad_clip is None
+    assert study.row_config("md_centred", 0, 2.0, tmp_path, tmp_path).teacher.subtract_mean
+    assert study.row_config("md", 0, 2.0, tmp_path, tmp_path).optim.lr == study.BASE["optim"]["lr"]

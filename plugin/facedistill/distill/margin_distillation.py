@@ -29,6 +29,11 @@ A second refinement, off by default (``kd_weight=0``): Hinton's soft-logit term 
 margin loss says how far from its own centre each image may sit; the soft term adds where the teacher places it
 among all the other classes.
 
+Centred teacher space (``teacher.subtract_mean``, a teacher option that every method sees): the mean teacher
+embedding is subtracted before the centres, ``c_i`` and the angle term are computed. On CelebA-299 SFace's mean
+centres sit at cosine 0.16 to each other (0.00 centred); on the validation split centring raised MD's AUC from
+67.8 to 72.3 (``benchmarks/results/validation_study_2ep_2026-11-29.md``).
+
 At scale (several processes, ``sample_rate < 1`` or ``centre_dtype="float16"``) the head is
 ``facedistill.heads.partial_fc.FrozenPartialFC``: the frozen centres sharded over the ranks as PartialFC_V2 splits
 them, sampled like it (every positive of the global batch plus random others of each shard), stored in half
