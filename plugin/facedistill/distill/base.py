@@ -35,9 +35,6 @@ class MethodContext:
     # (PartialFC's split, ``heads.sharded.shard_range``) and the max typicality over the whole training set.
     local_centres: torch.Tensor | None = None
     typicality_max: float | None = None
-    # ``teacher.subtract_mean``: the mean teacher embedding, already subtracted from the centres and from the
-    # teacher rows the method receives (kept here so the loop hands the same offset to the training step).
-    teacher_offset: torch.Tensor | None = None
     steps_per_epoch: int = 1
     # Several processes (torchrun) and a method whose head only scores the margin loss: build ShardedMarginHead,
     # the class centres split over the ranks (set by the training loop, from ``DistillMethod.shards_head``).

@@ -137,9 +137,11 @@ def seed_everything(seed: int) -> None:
 
 def prepare_method_context(
     config: Config, dataset: FaceDataset, steps_per_epoch: int, world_size: int = 1
-) -> tuple[MethodContext, TeacherCache | None, dict[str, Any]]:
+) -> tuple[MethodContext, TeacherCache | None, torch.Tensor | None, dict[str, Any]]:
     """Load and check the teacher cache and centres for methods that need them. Every rank reads the whole cache,
-    so the centres, typicalities and MarginDistillation's dataset normaliser are the same on all of them."""
+    so the centres, typicalities and MarginDistillation's dataset normaliser are the same on all of them. Also
+    returns the teacher offset (``teacher.subtract_mean``, else None) that the training step subtracts from the
+    rows, as it was subtracted here from the centres."""
     method_cls, params = method_params(config.method)
     context = MethodContext(
         dataset.num_classes,
@@ -148,7 +150,7 @@ def prepare_method_context(
         shard_heads=world_size > 1 and method_cls.head_can_shard(params),
     )
     if not method_cls.needs_teacher:
-        return context, None, {}
+        return context, None, None, {}
     assert config.teacher.cache, "validate_config requires teacher.cache for methods with a teacher"
     cache = TeacherCache(config.teacher.cache)
     teacher_id = None
@@ -166,14 +168,13 @@ def prepare_method_context(
     offset = cache.mean_embedding() if config.teacher.subtract_mean else None
     centres, source = class_centres(cache, dataset.labels, dataset.num_classes, config.teacher.centres, offset)
     context.centres = centres
-    context.teacher_offset = offset
     context.typicality = cache.typicality(centres, dataset.labels, offset=offset)
     info = {
         "teacher_id": cache.teacher_id,
         "centres": source,
         "typicality_max": float(context.typicality.max()),
     }
-    return context, cache, info
+    return context, cache, offset, info
 
 
 def train(config: Config, resume: bool = False, progress: bool = True) -> RunSummary:
@@ -223,7 +224,9 @@ def _train(config: Config, resume: bool, progress: bool, env: Distributed, devic
                 f"data.images_per_identity={config.data.images_per_identity}: an identity's images would be split "
                 "between processes; change data.batch_size"
             )
-    context, cache, teacher_info = prepare_method_context(config, dataset, steps_per_epoch, env.world_size)
+    context, cache, teacher_offset, teacher_info = prepare_method_context(
+        config, dataset, steps_per_epoch, env.world_size
+    )
     val_set = None
     if config.data.val_pairs and env.is_main:
         from facedistill.eval.verify import load_pairs_set
@@ -277,7 +280,7 @@ def _train(config: Config, resume: bool, progress: bool, env: Distributed, devic
         steps_per_epoch=steps_per_epoch,
         amp_dtype=amp_dtype,
         cache=cache,
-        teacher_offset=context.teacher_offset,
+        teacher_offset=teacher_offset,
         env=env,
         divergence_hint=f"; the last good checkpoint is {run_dir / LAST}. Lower optim.lr or raise "
         "schedule.warmup_epochs, then --resume",
