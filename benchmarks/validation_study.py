@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import Subset
 
 from facedistill.config import Config, from_dict, load_config
@@ -219,10 +218,11 @@ def final_table(args: argparse.Namespace, dataset: Any, cache: TeacherCache) -> 
     report: dict[str, Any] = json.loads(final_path.read_text()) if final_path.exists() else {}
     curves: dict[str, VerificationResult] = {}
     teacher_mean: dict[str, float] = {}
+    mean_embedding = cache.mean_embedding()
     for row in args.rows:
         # Each student against the centres it trained with (centred ones for teacher.subtract_mean rows; the
         # teacher's plain mean centres for ArcFace, which has none), and the teacher against the same centres.
-        offset = cache.mean_embedding() if ROWS[row].get("teacher", {}).get("subtract_mean") else None
+        offset = mean_embedding if ROWS[row].get("teacher", {}).get("subtract_mean") else None
         centres, _ = class_centres(cache, dataset.labels, dataset.num_classes, "mean", offset)
         typicality = cache.typicality(centres, dataset.labels, offset=offset)[:, 0].clamp(-1, 1)
         teacher_angles = np.degrees(np.arccos(typicality.numpy()))[angle_rows]
@@ -271,5 +271,4 @@ def final_table(args: argparse.Namespace, dataset: Any, cache: TeacherCache) -> 
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     main()
