@@ -34,12 +34,12 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Subset
 
-from facedistill.config import Config, from_dict, load_config
+from facedistill.config import Config, from_dict
 from facedistill.data.datasets import open_training_set
 from facedistill.data.splits import read_identity_list
 from facedistill.eval.metrics import VerificationResult, plot_roc
 from facedistill.eval.verify import evaluate_pairs, load_pairs_set, student_embedder
-from facedistill.pipeline import angles_to_centres, plot_angle_histograms
+from facedistill.pipeline import angles_to_centres, finished_run, plot_angle_histograms
 from facedistill.teachers import create_teacher
 from facedistill.teachers.cache import TeacherCache, build_teacher_cache, class_centres
 from facedistill.train.checkpoint import load_student
@@ -115,14 +115,6 @@ def row_config(row: str, seed: int, epochs: float, out: Path, cache: Path) -> Co
     return from_dict(Config, data)
 
 
-def finished(config: Config) -> dict[str, Any] | None:
-    run_dir = Path(config.run.output_dir)
-    results, saved = run_dir / "results.json", run_dir / "config.yaml"
-    if results.exists() and saved.exists() and load_config(saved).to_dict() == config.to_dict():
-        return json.loads(results.read_text())
-    return None
-
-
 def final_loss(run_dir: Path) -> float | None:
     """Mean training loss over the last logged tenth of the run (``train.csv``), to see who is still learning."""
     path = run_dir / "train.csv"
@@ -167,23 +159,21 @@ def main() -> None:
     for row in args.rows:
         for seed in args.seeds:
             config = row_config(row, seed, args.epochs, args.out, cache_dir)
-            result = finished(config)
-            if result is None:
-                train(config)
-                result = json.loads((Path(config.run.output_dir) / "results.json").read_text())
+            # Runs carry no test set: a finished run of the same config is reused without one.
+            summary = finished_run(config, test_name=None) or train(config)
             key = f"{row}_seed{seed}"
             table[key] = {
                 "row": row,
                 "seed": seed,
                 "epochs": args.epochs,
                 "overrides": ROWS[row],
-                "val_accuracy": result["validation"]["accuracy"],
-                "val_std": result["validation"]["std"],
+                "val_accuracy": summary.validation["accuracy"],
+                "val_std": summary.validation["std"],
                 # Less noisy than accuracy at 600 pairs: the area under the validation ROC of the same model.
                 "val_auc": entry_auc(config),
                 "final_train_loss": final_loss(Path(config.run.output_dir)),
-                "images_per_second": result["images_per_second"],
-                "train_seconds": result["train_seconds"],
+                "images_per_second": summary.images_per_second,
+                "train_seconds": summary.train_seconds,
             }
             validation_path.write_text(json.dumps(table, indent=2))
             print(f"{key}: val {table[key]['val_accuracy'] * 100:.2f} +- {table[key]['val_std'] * 100:.2f}")

@@ -136,7 +136,7 @@ def compare_methods(
             }
         ]
         config = from_dict(Config, data)
-        summary = _finished_run(config) or train(config, progress=progress)
+        summary = finished_run(config) or train(config, progress=progress)
         test = summary.tests["test"]
         result = VerificationResult.from_dict(test)
         results[name] = result
@@ -187,8 +187,9 @@ def _teacher_result(
     return result
 
 
-def _finished_run(config: Config) -> RunSummary | None:
-    """The summary of a finished run in ``config.run.output_dir`` trained with this exact config, else None."""
+def finished_run(config: Config, test_name: str | None = "test") -> RunSummary | None:
+    """The summary of a finished run in ``config.run.output_dir`` trained with this exact config (and, unless
+    ``test_name`` is None, evaluated on that test set), else None."""
     run_dir = Path(config.run.output_dir)
     results, saved_config = run_dir / "results.json", run_dir / "config.yaml"
     if not (results.exists() and saved_config.exists()):
@@ -196,7 +197,7 @@ def _finished_run(config: Config) -> RunSummary | None:
     if load_config(saved_config).to_dict() != config.to_dict():
         return None
     stored = json.loads(results.read_text())
-    if "test" not in stored.get("tests", {}):
+    if test_name is not None and test_name not in stored.get("tests", {}):
         return None
     fields = {name: stored[name] for name in RunSummary.__dataclass_fields__ if name in stored}
     return RunSummary(**{**fields, "run_dir": run_dir})
@@ -239,4 +240,4 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-__all__ = ["Row", "apply_overrides", "compare_methods", "markdown_table"]
+__all__ = ["Row", "apply_overrides", "compare_methods", "finished_run", "markdown_table"]
