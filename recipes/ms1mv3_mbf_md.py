@@ -37,10 +37,14 @@ config.num_epoch = 40
 config.warmup_epoch = 0
 config.val_targets = ["lfw", "cfp_fp", "agedb_30"]
 
-# Distillation (facedistill): MarginDistillation against the teacher's frozen class centres, per-sample margin
-# from 0.2 to 0.5 at s = 64 (the paper), dataset-level normaliser, clamp and guard (facedistill's fixes).
+# Distillation (facedistill): MarginDistillation against the teacher's frozen class centres, preset "facedistill":
+# the paper's s = 64 and m from 0.2 to 0.5, with the dataset-level normaliser, clamp, guard and the angle term over
+# the frozen centres (kd_weight 1, T 4) that facedistill validated; preset="official" is the paper's code exactly.
+# The r100 teacher run's PartialFC shards are its own centres, so the teacher space is not centred (centring
+# applies to mean centres: config.teacher_subtract_mean = True is refused with a head). A run saved without
+# save_all_states has no shards: set config.teacher_centres = "mean" and config.teacher_subtract_mean = True then.
 config.loss = "margin_distillation"
-config.loss_params = dict(scale=64.0, m_min=0.2, m_max=0.5, normaliser="dataset")
+config.loss_params = dict(preset="facedistill")
 config.teacher = "work_dirs/ms1mv3_r100"
 config.teacher_network = "r100"
 config.teacher_cache = "work_dirs/ms1mv3_r100/teacher_cache"

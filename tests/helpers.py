@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import datetime
+import gc
+import json
+import socket
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from facedistill.data.synthetic import write_identity_folders, write_pairs_tsv
@@ -39,3 +47,34 @@ def make_face_folders(root: Path, identities: int = 6, images: int = 6, test_ide
     test = write_identity_folders(root / "test", test_identities, 4, first_identity=1000)
     pairs = write_pairs_tsv(test, root / "pairs.tsv", pairs_per_fold=3)
     return train, pairs
+
+
+def gloo_world(rank_results: Callable[[int], dict], world_size: int, out_dir: Path) -> list[dict]:
+    """Run ``rank_results(rank)`` (a module-level function) in a spawned gloo world of ``world_size`` CPU processes;
+    return each rank's dict, failing with every rank's traceback if one raised."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = (rank_results, world_size, port, str(out_dir))
+    mp.start_processes(_gloo_rank, args=args, nprocs=world_size, join=True, start_method="spawn")
+    results = [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(world_size)]
+    errors = [result["error"] for result in results if "error" in result]
+    assert not errors, "\n".join(errors)
+    return results
+
+
+def _gloo_rank(rank: int, rank_results: Callable[[int], dict], world_size: int, port: int, out_dir: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )  # fmt: skip
+    try:
+        results = rank_results(rank)
+    except Exception:  # reported by the test, with the rank's traceback
+        results = {"error": traceback.format_exc()}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    # DDP's reducer and sharded heads hold the process group; gloo aborts the process ("terminate called without an
+    # active exception") when they outlive it, so they are gone (rank_results returned) before it is destroyed.
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()

@@ -221,7 +221,7 @@ def test_train_without_a_method_name_says_to_set_it(tmp_path) -> None:
     [
         ("method.foo=1", "method: unknown key(s) foo; allowed: "),
         ("method.temperature=0", "method.temperature must be > 0"),
-        ("method.normaliser=global", "method.normaliser: 'global' is not one of 'batch', 'dataset'"),
+        ("method.normaliser=global", "method.normaliser: 'global' is not one of 'batch', 'local_batch', 'dataset'"),
     ],
 )
 def test_bad_hyper_parameters_fail_when_the_config_is_built(tmp_path, setting, message) -> None:

@@ -191,6 +191,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 return coerce(value, option, key)
             except ConfigError as error:
                 errors.append(str(error))
+        if len(errors) == 1:
+            # X | None: the one real option's own message ("is not one of ...") says what is allowed.
+            raise ConfigError(errors[0])
         raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
     if origin is Literal:
         if value not in get_args(tp):

@@ -101,7 +101,7 @@ def test_a_teachers_head_with_other_classes_is_refused_with_both_numbers(in_chec
     cache = tmp_path / "cache"
     shutil.copytree(in_checkout / "data" / "tiny" / "teacher_cache", cache)
     np.save(cache / "head_centres.npy", np.random.default_rng(0).normal(size=(9, 128)).astype(np.float32))
-    cfg = _recipe(in_checkout, teacher_cache=str(cache), teacher_centres="head")
+    cfg = _recipe(in_checkout, teacher_cache=str(cache), teacher_centres="head", teacher_subtract_mean=False)
     with pytest.raises((RecipeError, ValueError), match=r"9 classes .* 6"):
         build_distill_head(cfg, 0, 1)
 
@@ -160,3 +160,106 @@ def test_methods_that_need_identity_balanced_batches_are_refused_with_the_reason
 
     with pytest.raises(RecipeError, match="unknown method 'triplet' .*identity-balanced batches"):
         validate(_recipe(in_checkout, loss="triplet"))
+
+
+def test_subtract_mean_centres_the_plugins_centres_rows_and_normaliser_as_the_toolkit_does(
+    in_checkout: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from facedistill.arcface_torch.data import open_framework_dataset
+    from facedistill.arcface_torch.head import build_distill_head
+    from facedistill.teachers.cache import TeacherCache
+
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(in_checkout / "data" / "tiny" / "teacher_cache", cache_dir)
+    for stored in cache_dir.glob("mean_embedding.*"):
+        stored.unlink()
+    cfg = _recipe(in_checkout, teacher_cache=str(cache_dir))
+    assert cfg.teacher_subtract_mean and cfg.loss_params["preset"] == "facedistill"
+    head = build_distill_head(cfg, 0, 1)
+    # The toolkit's own single-process computation, from the whole cache: mean, centred mean centres, typicality.
+    cache = TeacherCache(cache_dir)
+    labels = np.asarray(open_framework_dataset("data/tiny").labels)
+    rows = F.normalize(torch.from_numpy(np.asarray(cache.embeddings, dtype=np.float32)), dim=2)
+    mean = rows.reshape(-1, rows.shape[-1]).mean(0)
+    torch.testing.assert_close(head.teacher_offset, mean, atol=1e-6, rtol=1e-5)
+    centres = cache.mean_centres(labels, 6, offset=mean)
+    torch.testing.assert_close(head.method.head.weight.float(), centres, atol=1e-5, rtol=1e-5)
+    peak = cache.typicality(centres, labels, offset=mean).max()
+    assert float(head.method.dataset_max) == pytest.approx(float(peak), abs=1e-5)
+    # Computed once and stored with the cache; the rows the method reads are centred like the centres.
+    assert (cache_dir / "mean_embedding.npy").exists() and (cache_dir / "mean_embedding.json").exists()
+    index, mirrored = torch.tensor([0, 3]), torch.tensor([False, True])
+    expected = F.normalize(cache.rows(index, mirrored), dim=1) - mean
+    torch.testing.assert_close(cache.rows(index, mirrored, head.teacher_offset), expected)
+
+
+def test_subtract_mean_with_a_head_centred_teacher_is_refused_naming_the_recipe_keys(
+    in_checkout: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    import numpy as np
+
+    from facedistill.arcface_torch.head import build_distill_head
+    from facedistill.arcface_torch.recipe import RecipeError
+
+    cache = tmp_path / "cache"
+    shutil.copytree(in_checkout / "data" / "tiny" / "teacher_cache", cache)
+    np.save(cache / "head_centres.npy", np.random.default_rng(0).normal(size=(6, 128)).astype(np.float32))
+    cfg = _recipe(in_checkout, teacher_cache=str(cache))
+    with pytest.raises(RecipeError, match=r"^config.teacher_subtract_mean centres .* config.teacher_centres = 'mean'"):
+        build_distill_head(cfg, 0, 1)
+    head = build_distill_head(_recipe(in_checkout, teacher_cache=str(cache), teacher_centres="mean"), 0, 1)
+    assert head.teacher_offset is not None
+
+
+def test_a_stored_mean_of_another_cache_is_refused(in_checkout: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from facedistill.arcface_torch.head import build_distill_head
+    from facedistill.arcface_torch.recipe import RecipeError
+
+    cache = tmp_path / "cache"
+    shutil.copytree(in_checkout / "data" / "tiny" / "teacher_cache", cache)
+    build_distill_head(_recipe(in_checkout, teacher_cache=str(cache)), 0, 1)  # stores the mean
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["store_id"] = "0" * 32  # another build of the cache, as --overwrite makes
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RecipeError, match=r"mean_embedding.npy is the mean embedding of another teacher cache"):
+        build_distill_head(_recipe(in_checkout, teacher_cache=str(cache)), 0, 1)
+
+
+def test_the_official_preset_reads_the_original_images_row_for_a_mirror(in_checkout: Path) -> None:
+    import torch
+
+    from facedistill.arcface_torch.data import RecordFaceDataset
+    from facedistill.arcface_torch.head import build_distill_head
+
+    cfg = _recipe(in_checkout, loss_params=dict(preset="official"), teacher_subtract_mean=False)
+    head = build_distill_head(cfg, 0, 1)
+    params = head.method.params
+    assert (params.scale, params.normaliser, params.clamp, params.guard, params.past_pi) == (
+        64.0, "local_batch", False, False, "cos",
+    )  # fmt: skip
+    dataset = RecordFaceDataset("data/tiny", sample_info=True)
+    labels, index = torch.tensor([dataset[i][1] for i in range(4)]), torch.arange(4)
+    embeddings = torch.randn(4, 128)
+    flipped = head(embeddings, labels, index, torch.ones(4, dtype=torch.bool))
+    assert flipped.item() == pytest.approx(head(embeddings, labels, index, torch.zeros(4, dtype=torch.bool)).item())
+    validated = build_distill_head(_recipe(in_checkout), 0, 1)
+    assert validated(embeddings, labels, index, torch.ones(4, dtype=torch.bool)).item() != pytest.approx(
+        validated(embeddings, labels, index, torch.zeros(4, dtype=torch.bool)).item()
+    )
+
+
+def test_an_unknown_preset_is_refused_when_the_recipe_loads(in_checkout: Path) -> None:
+    from facedistill.arcface_torch.recipe import RecipeError, validate
+
+    with pytest.raises(RecipeError, match=r"preset: 'paper' is not one of 'facedistill', 'official'$"):
+        validate(_recipe(in_checkout, loss_params=dict(preset="paper")))

@@ -6,17 +6,8 @@ with the single-process computation (``MarginHead`` + cross-entropy + ``centre_k
 
 from __future__ import annotations
 
-import datetime
-import gc
-import json
-import socket
-import traceback
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -27,6 +18,7 @@ from facedistill.distill.margin_distillation import MarginDistillation, MarginDi
 from facedistill.heads import MarginHead
 from facedistill.heads.partial_fc import FrozenPartialFC
 from facedistill.heads.sharded import shard_range
+from tests.helpers import gloo_world
 
 WORLD = 2
 C, D, B_LOCAL, IN = 11, 6, 4, 5
@@ -67,23 +59,6 @@ def _reference_md() -> tuple[float, dict[str, torch.Tensor]]:
     return float(loss.detach()), {name: p.grad.clone() for name, p in backbone.named_parameters()}
 
 
-def _world(rank: int, port: int, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )  # fmt: skip
-    try:
-        results = _rank_results(rank)
-    except Exception:  # reported by the test, with the rank's traceback
-        results = {"error": traceback.format_exc()}
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    # DDP's reducer and the heads hold the process group; gloo aborts the process ("terminate called without an
-    # active exception") when they outlive it, so they are gone (the helper returned) before the group is destroyed.
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 def _rank_results(rank: int) -> dict[str, object]:
     results: dict[str, object] = {}
     data = _data()
@@ -112,15 +87,7 @@ def _rank_results(rank: int) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    out_dir = tmp_path_factory.mktemp("partial_fc")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(_world, args=(port, str(out_dir)), nprocs=WORLD, join=True, start_method="spawn")
-    results = [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
-    errors = [result["error"] for result in results if "error" in result]
-    assert not errors, "\n".join(errors)
-    return results
+    return gloo_world(_rank_results, WORLD, tmp_path_factory.mktemp("partial_fc"))
 
 
 def test_two_processes_equal_one_with_the_angle_term(world: list[dict]) -> None:

@@ -9,6 +9,7 @@ these keys from it; absent keys keep the framework's behaviour::
     config.teacher_network = "r100"                   # the run dir's network (arcface_torch's name)
     config.teacher_cache = "/train_tmp/ms1mv3/teacher_r100"   # default: <config.rec>/teacher_cache
     config.teacher_centres = "auto"                   # auto | head | mean
+    config.teacher_subtract_mean = False              # centre the teacher space (mean centres only)
 
 The patched ``utils/utils_config.py`` loads every recipe through :func:`load_job_config` (a ``configs/NAME`` path
 exactly as upstream, or any recipe file, e.g. one shipped in facedistill's ``recipes/``) and checks it with
@@ -27,13 +28,23 @@ from pathlib import Path
 from typing import Any
 
 from facedistill.config import ConfigError, from_dict
+from facedistill.distill.context import CENTRE_SOURCES, TeacherKeys
 
 # The framework's own loss; every other name is a facedistill method.
 FRAMEWORK_LOSS = "arcface"
-CENTRE_SOURCES = ("auto", "head", "mean")
 # arcface_torch's network names -> facedistill backbones that load their state_dicts.
 NETWORKS = {"r18": "iresnet18", "r34": "iresnet34", "r50": "iresnet50", "r100": "iresnet100", "mbf": "mbf"}
-PLUGIN_KEYS = ("loss", "loss_params", "teacher", "teacher_network", "teacher_cache", "teacher_centres")
+PLUGIN_KEYS = (
+    "loss",
+    "loss_params",
+    "teacher",
+    "teacher_network",
+    "teacher_cache",
+    "teacher_centres",
+    "teacher_subtract_mean",
+)
+# The recipe's names of the teacher keys facedistill's own config calls teacher.centres / teacher.subtract_mean.
+RECIPE_TEACHER_KEYS = TeacherKeys(centres="config.teacher_centres", subtract_mean="config.teacher_subtract_mean")
 
 
 class RecipeError(ConfigError):
@@ -90,7 +101,7 @@ def validate(cfg: Any) -> Any:
     """Check facedistill's keys of a loaded recipe; raise ``RecipeError`` naming the key. Returns ``cfg``."""
     name = method_name(cfg)
     if name is None:
-        for key in ("loss_params", "teacher_centres"):
+        for key in ("loss_params", "teacher_centres", "teacher_subtract_mean"):
             if cfg.get(key):
                 raise RecipeError(f"config.{key} is set but config.loss selects no facedistill method")
         return cfg
@@ -113,6 +124,9 @@ def validate(cfg: Any) -> Any:
     centres = cfg.get("teacher_centres") or "auto"
     if centres not in CENTRE_SOURCES:
         raise RecipeError(f"config.teacher_centres = {centres!r} is not one of {', '.join(CENTRE_SOURCES)}")
+    subtract_mean = cfg.get("teacher_subtract_mean", False)
+    if not isinstance(subtract_mean, bool):
+        raise RecipeError(f"config.teacher_subtract_mean must be True or False, got {subtract_mean!r}")
     if cfg.get("dali") or cfg.rec == "synthetic":
         source = "DALI" if cfg.get("dali") else "synthetic data"
         raise RecipeError(

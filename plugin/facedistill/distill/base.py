@@ -73,6 +73,11 @@ class DistillMethod(nn.Module):
     def set_progress(self, step: int, epoch: float) -> None:
         """Called before every step, for methods with warm-ups or moving statistics."""
 
+    @property
+    def mirror_rows(self) -> bool:
+        """Whether a mirrored image reads the teacher row of the mirror image (else the original's)."""
+        return True
+
 
 def build_margin_head(
     context: MethodContext,
@@ -142,7 +147,7 @@ def create_method(spec: dict[str, Any], context: MethodContext) -> DistillMethod
     """Build a method from its config section ``{name: ..., <hyper-parameters>}``."""
     method_cls, params = method_params(spec)
     name = method_cls.name
-    if method_cls.needs_teacher and context.centres is None:
+    if method_cls.needs_teacher and context.centres is None and context.local_centres is None:
         raise ValueError(f"method '{name}' needs a teacher: set teacher.spec and teacher.cache")
     return method_cls(params, context)
 

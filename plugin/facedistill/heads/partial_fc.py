@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from facedistill.heads.margin import margin_target_logit
+from facedistill.heads.margin import check_margins, margin_target_logit
 from facedistill.heads.sharded import (
     _all_gather_single,
     _GatherWithGradient,
@@ -96,12 +96,12 @@ class _ChunkedMarginCrossEntropy(torch.autograd.Function):
     ``weight``; ``target`` [B] is the position of the true class in ``columns`` (-1 where it lives elsewhere)."""
 
     @staticmethod
-    def forward(ctx, x, weight, columns, target, margin, scale, m1, m3, chunk, group, world):  # type: ignore[override]
+    def forward(ctx, x, weight, columns, target, margin, scale, m1, m3, past_pi, chunk, group, world):  # type: ignore[override]
         owned = target >= 0
         rows = owned.nonzero().squeeze(1)
         true_cos = x.new_zeros(x.shape[0])
         true_cos[rows] = (x[rows] * weight[columns[target[rows]]].float()).sum(dim=1)
-        true_logit = scale * margin_target_logit(true_cos, m1, margin, m3)
+        true_logit = scale * margin_target_logit(true_cos, m1, margin, m3, past_pi)
         peak = x.new_full((x.shape[0],), -torch.inf)
         total = x.new_zeros(x.shape[0])
         # The scaled logits [B, S] are kept for the backward pass (as PartialFC_V2 keeps its own), written chunk by
@@ -122,7 +122,7 @@ class _ChunkedMarginCrossEntropy(torch.autograd.Function):
         if not bool((picked[:, 1] == 1.0).all()):
             raise ValueError("a label is outside [0, num_classes): no rank holds its class centre")
         ctx.save_for_backward(x, columns, target, margin, true_cos, true_logit, peak, total, logits)
-        ctx.weight, ctx.scale, ctx.m1, ctx.m3, ctx.chunk = weight, scale, m1, m3, chunk
+        ctx.weight, ctx.scale, ctx.m1, ctx.m3, ctx.past_pi, ctx.chunk = weight, scale, m1, m3, past_pi, chunk
         return (total.log() + peak - picked[:, 0]).mean()
 
     @staticmethod
@@ -146,11 +146,12 @@ class _ChunkedMarginCrossEntropy(torch.autograd.Function):
             with torch.enable_grad():
                 cos = true_cos[rows].detach().requires_grad_(True)
                 row_margin = margin[rows] if margin.dim() else margin
-                (slope,) = torch.autograd.grad(margin_target_logit(cos, ctx.m1, row_margin, ctx.m3).sum(), cos)
+                target_logit = margin_target_logit(cos, ctx.m1, row_margin, ctx.m3, ctx.past_pi)
+                (slope,) = torch.autograd.grad(target_logit.sum(), cos)
             probability = torch.exp(true_logit[rows] - peak[rows]) / total[rows]
             correction = scale * (probability - 1.0) * (slope - 1.0)
             grad_x[rows] += correction[:, None] * weight[columns[target[rows]]].float()
-        return grad_x * coefficient, None, None, None, None, None, None, None, None, None, None
+        return grad_x * coefficient, None, None, None, None, None, None, None, None, None, None, None
 
 
 class _ChunkedSoftKL(torch.autograd.Function):
@@ -230,12 +231,13 @@ class FrozenPartialFC(nn.Module):
         chunk: int = DEFAULT_CHUNK,
         group: ProcessGroup | None = None,
         undo_ddp_average: bool = False,
+        past_pi: str = "continue",
     ) -> None:
         super().__init__()
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        if m1 < 1.0 or m2 < 0.0 or m3 < 0.0:
-            raise ValueError(f"margins must satisfy m1 >= 1, m2 >= 0, m3 >= 0; got {m1}, {m2}, {m3}")
+        check_margins(m1, m2, m3, past_pi)
+        self.past_pi = past_pi
         self.group = group
         self.rank, self.world_size = group_rank_and_size(group)
         self.num_classes = num_classes
@@ -283,7 +285,9 @@ class FrozenPartialFC(nn.Module):
         positive = torch.unique(positives, sorted=True)
         if self.num_sample < positive.shape[0]:
             return positive
-        draw = torch.rand(num_local, device=device)
+        # Drawn by the CPU generator and moved, as PartialFC_V2 draws them (``torch.rand(...).cuda()``): the same
+        # seed samples the same classes on any device.
+        draw = torch.rand(num_local).to(device)
         draw[positive] = 2.0
         return torch.topk(draw, k=self.num_sample)[1].sort()[0]
 
@@ -317,8 +321,8 @@ class FrozenPartialFC(nn.Module):
             row_margin = fixed if margin is None else self._gather(margin.detach().float())
             terms = {
                 "margin": _ChunkedMarginCrossEntropy.apply(
-                    x, self.weight, columns, target, row_margin, self.scale, self.m1, self.m3, self.chunk,
-                    self.group, self.world_size,
+                    x, self.weight, columns, target, row_margin, self.scale, self.m1, self.m3, self.past_pi,
+                    self.chunk, self.group, self.world_size,
                 )
             }  # fmt: skip
             if teacher is not None:

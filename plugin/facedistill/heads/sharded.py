@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from facedistill.heads.margin import margin_target_logit
+from facedistill.heads.margin import check_margins, margin_target_logit
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -318,8 +318,7 @@ class ShardedMarginHead(nn.Module):
         undo_ddp_average: bool = False,
     ) -> None:
         super().__init__()
-        if m1 < 1.0 or m2 < 0.0 or m3 < 0.0:
-            raise ValueError(f"margins must satisfy m1 >= 1, m2 >= 0, m3 >= 0; got {m1}, {m2}, {m3}")
+        check_margins(m1, m2, m3)
         self.group = group
         self.rank, self.world_size = group_rank_and_size(group)
         if num_classes < self.world_size:

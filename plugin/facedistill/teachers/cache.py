@@ -6,6 +6,8 @@ Layout of a cache directory (a ``facedistill.data.rowstore`` store)::
     chunks.done      one byte per chunk of rows: set once that chunk's embeddings are on disk
     manifest.json    teacher id, preprocessing, dataset fingerprint, N, d, classes, the store's layout
     head_centres.npy the teacher's own class centres [C, d], when the teacher has a margin head
+    mean_embedding.npy / .json   the mean teacher embedding (``teacher.subtract_mean``), computed on first use and
+                     stored with the digest of the manifest it belongs to
 
 Distillation reads rows from the cache, so a distillation step costs no teacher forward. A cache whose teacher or
 dataset differ from the run's is refused. Building is resumable chunk by chunk and can be split over several
@@ -14,12 +16,16 @@ processes (``rank``/``world_size``, e.g. one per GPU under torchrun).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from facedistill.data.datasets import FaceDataset, ordered_loader
@@ -49,6 +55,8 @@ CACHE_FORMAT = 2
 KIND = "teacher-embeddings"
 EMBEDDINGS = "embeddings.f16"
 HEAD_CENTRES = "head_centres.npy"
+MEAN_EMBEDDING = "mean_embedding.npy"
+MEAN_EMBEDDING_INFO = "mean_embedding.json"
 WHAT = "teacher cache"
 COMMAND = "facedistill cache-teacher"
 
@@ -105,25 +113,71 @@ class TeacherCache:
                 f"rebuild it with `{COMMAND} --overwrite`"
             )
 
-    def rows(self, indices: torch.Tensor, mirrored: torch.Tensor | None = None) -> torch.Tensor:
-        """float32 teacher embeddings [B, d] of the given images; mirror rows where ``mirrored`` is True."""
+    def rows(
+        self, indices: torch.Tensor, mirrored: torch.Tensor | None = None, offset: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """float32 teacher embeddings [B, d] of the given images; mirror rows where ``mirrored`` is True. With
+        ``offset`` (the mean embedding, ``subtract_mean``), L2-normalised and centred: ``normalize(t) - offset``,
+        as the centres were built."""
         index = indices.cpu().numpy()
         view = np.zeros(len(index), dtype=np.int64) if mirrored is None else mirrored.cpu().numpy().astype(np.int64)
-        return torch.from_numpy(np.asarray(self.embeddings[index, view], dtype=np.float32))
+        rows = torch.from_numpy(np.asarray(self.embeddings[index, view], dtype=np.float32))
+        return rows if offset is None else F.normalize(rows, dim=1) - offset
 
     def head_centres(self) -> torch.Tensor | None:
         path = self.directory / HEAD_CENTRES
         return torch.from_numpy(np.load(path)).float() if path.exists() else None
 
-    def mean_embedding(self, chunk: int = 65536) -> torch.Tensor:
+    def manifest_digest(self) -> str:
+        return hashlib.sha256((self.directory / MANIFEST).read_bytes()).hexdigest()
+
+    def stored_mean_embedding(self) -> torch.Tensor | None:
+        """The stored mean embedding, or None; refused when it was computed for another cache."""
+        path, info_path = self.directory / MEAN_EMBEDDING, self.directory / MEAN_EMBEDDING_INFO
+        if not (path.exists() and info_path.exists()):
+            return None
+        stored = json.loads(info_path.read_text()).get("manifest_sha256", "")
+        if stored != self.manifest_digest():
+            raise StaleCacheError(
+                f"{path} is the mean embedding of another teacher cache (manifest {stored[:12] or 'unknown'}, this "
+                f"one's {self.manifest_digest()[:12]}); delete {path.name} and {info_path.name} (they are recomputed)"
+            )
+        mean = torch.from_numpy(np.load(path)).float()
+        if mean.shape != (self.embedding_size,):
+            raise StaleCacheError(f"{path} holds {tuple(mean.shape)} values, not {self.embedding_size}; delete it")
+        return mean
+
+    def mean_embedding(self, rank: int = 0, world_size: int = 1, chunk: int = 65536) -> torch.Tensor:
         """Mean of the L2-normalised teacher embeddings over every image and mirror, [d]: the direction that all
         of them share (for SFace on CelebA-299 its norm is 0.40, and mean centres sit at cosine 0.16 to each
-        other because of it)."""
+        other because of it).
+
+        Computed once and stored beside the cache. With ``world_size`` > 1 (a collective: every rank calls it)
+        each rank sums its own share of the rows and one all-reduce adds them, so no rank reads the whole cache.
+        """
+        stored = self.stored_mean_embedding()
+        if stored is not None:
+            return stored
         total = torch.zeros(self.embedding_size, dtype=torch.float64)
-        for start in range(0, self.num_images, chunk):
-            block = torch.from_numpy(np.asarray(self.embeddings[start : start + chunk], dtype=np.float32))
+        first, last = self.num_images * rank // world_size, self.num_images * (rank + 1) // world_size
+        for start in range(first, last, chunk):
+            block = torch.from_numpy(np.asarray(self.embeddings[start : min(start + chunk, last)], dtype=np.float32))
             total += F.normalize(block, dim=2).sum(dim=(0, 1)).double()
-        return (total / (2 * self.num_images)).float()
+        if world_size > 1:
+            total = all_reduce_sum(total)
+        mean = (total / (2 * self.num_images)).float()
+        if rank == 0:
+            self._store_mean(mean)
+        return mean
+
+    def _store_mean(self, mean: torch.Tensor) -> None:
+        tmp = self.directory / f"mean_embedding.{os.getpid()}.tmp.npy"
+        np.save(tmp, mean.numpy())
+        os.replace(tmp, self.directory / MEAN_EMBEDDING)
+        info = {"manifest_sha256": self.manifest_digest(), "teacher_id": self.teacher_id, "rows": 2 * self.num_images}
+        info_tmp = self.directory / f"mean_embedding.{os.getpid()}.tmp.json"
+        info_tmp.write_text(json.dumps(info))
+        os.replace(info_tmp, self.directory / MEAN_EMBEDDING_INFO)
 
     def mean_centres(
         self, labels: np.ndarray, num_classes: int, chunk: int = 65536, offset: torch.Tensor | None = None
@@ -161,6 +215,15 @@ class TeacherCache:
         return out
 
 
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over the default process group, on the device its backend needs (NCCL: the current GPU)."""
+    on_gpu = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    moved = tensor.to(device)
+    dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+    return moved.to(tensor.device)
+
+
 def class_centres(
     cache: TeacherCache,
     labels: np.ndarray,
@@ -182,13 +245,25 @@ def class_centres(
     if source == "head" and head is None:
         raise ValueError(f"teacher cache {cache.directory} holds no head centres; use teacher.centres=mean")
     if head is not None and source in ("auto", "head"):
-        if head.shape[0] != num_classes:
-            raise ValueError(
-                f"the teacher's head has {head.shape[0]} classes but the dataset has {num_classes}: its centres "
-                "only apply to the dataset it was trained on; use teacher.centres=mean"
-            )
+        check_head_rows(head.shape[0], num_classes)
         return F.normalize(head, dim=1), "head"
     return cache.mean_centres(labels, num_classes), "mean"
+
+
+def check_head_rows(rows: int, num_classes: int, key: str = "teacher.centres") -> None:
+    """A teacher head's centres apply to the dataset it was trained on only (``key``: the front end's name of the
+    centre-source key, which the refusal tells the user to set)."""
+    if rows != num_classes:
+        raise ValueError(
+            f"the teacher's head has {rows} classes but the dataset has {num_classes}: its centres only apply to "
+            f"the dataset it was trained on; set {key} = 'mean'"
+        )
+
+
+def _forget_derived(directory: Path) -> None:
+    """A new store drops what was derived from the rows of the one it replaces."""
+    for name in (MEAN_EMBEDDING, MEAN_EMBEDDING_INFO):
+        (directory / name).unlink(missing_ok=True)
 
 
 def _save_head_centres(teacher: Any, directory: Path) -> None:
@@ -237,9 +312,12 @@ def build_teacher_cache(
         "rows": ["image", "mirror"],
     }
     layout = RowLayout(EMBEDDINGS, len(dataset), (2, int(teacher.embedding_size)), "float16", chunk_images)
+    # A token per store made: the stored mean embedding names the manifest it was computed from.
+    extra = {"store_id": uuid.uuid4().hex}
     with open_for_writing(
-        directory, identity, layout, WHAT, COMMAND, overwrite=overwrite, rank=rank, world_size=world_size
-    ) as store:
+        directory, identity, layout, WHAT, COMMAND, overwrite=overwrite, rank=rank, world_size=world_size,
+        extra=extra, on_create=_forget_derived,
+    ) as store:  # fmt: skip
         if rank == 0:
             _save_head_centres(teacher, directory)
         with store.writer(rank, world_size, desc="teacher cache", progress=progress) as writer:

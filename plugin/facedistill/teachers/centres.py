@@ -179,9 +179,11 @@ def mean_centre_shard(
     rank: int,
     world_size: int,
     chunk: int = 65536,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """This rank's rows of ``cache.mean_centres(labels, num_classes)``: the L2-normalised mean of the L2-normalised
-    teacher embeddings (image and mirror) of each class in ``shard_range(num_classes, rank, world_size)``.
+    teacher embeddings (image and mirror) of each class in ``shard_range(num_classes, rank, world_size)``; with
+    ``offset`` (the mean teacher embedding, ``subtract_mean``), of the embeddings minus ``offset``.
 
     For a teacher without a margin head. Only the cache rows of this rank's classes are read, so the ranks together
     read the cache once instead of each reading all of it.
@@ -207,6 +209,8 @@ def mean_centre_shard(
             f"{len(empty)} class(es) of rank {rank}'s block [{start}, {end}) have no image in teacher cache "
             f"{cache.directory} and so no mean centre: {shown}; check num_classes ({num_classes}) against the labels"
         )
+    if offset is not None:
+        sums -= counts[:, None] * offset.double()[None, :]
     return F.normalize(sums.float(), dim=1)
 
 
@@ -216,13 +220,14 @@ def typicality_max_shard(
     local_centres: torch.Tensor,
     class_start: int,
     chunk: int = 65536,
+    offset: torch.Tensor | None = None,
 ) -> float:
     """Max of cos(teacher embedding, centre of its class) over the images (and mirrors) of this rank's classes
     ``[class_start, class_start + len(local_centres))``: the rank's part of MarginDistillation's dataset-level
     normaliser, i.e. of ``cache.typicality(centres, labels).max()``; the caller all-reduces it with max.
 
     Only the cache rows of these classes are read. A rank whose classes have no image returns ``-inf``, which the
-    max over ranks ignores.
+    max over ranks ignores. With ``offset`` the embeddings are centred first, as the training step centres them.
     """
     if local_centres.ndim != 2 or local_centres.shape[1] != cache.embedding_size:
         raise ValueError(
@@ -236,6 +241,8 @@ def typicality_max_shard(
     rows = _labels_in(cache, labels, class_start, class_start + centres.shape[0])
     peak = float("-inf")
     for block, block_labels in _blocks(cache, labels, rows, chunk):
+        if offset is not None:
+            block = F.normalize(block - offset.float(), dim=2)
         own = centres[block_labels - class_start]
         peak = max(peak, float((block * own[:, None, :]).sum(dim=2).max()))
     return peak

@@ -30,8 +30,9 @@ from facedistill.data.datasets import FaceDataset, collate_faces, open_training_
 from facedistill.data.samplers import IdentityBalancedSampler
 from facedistill.data.splits import read_identity_list
 from facedistill.distill import MethodContext, create_method, method_params
+from facedistill.distill.context import TeacherSpec, build_teacher_side
 from facedistill.models import create_model
-from facedistill.teachers.cache import TeacherCache, class_centres
+from facedistill.teachers.cache import TeacherCache
 from facedistill.train.checkpoint import load_checkpoint, save_checkpoint
 from facedistill.train.distributed import (
     Distributed,
@@ -138,10 +139,10 @@ def seed_everything(seed: int) -> None:
 def prepare_method_context(
     config: Config, dataset: FaceDataset, steps_per_epoch: int, world_size: int = 1
 ) -> tuple[MethodContext, TeacherCache | None, torch.Tensor | None, dict[str, Any]]:
-    """Load and check the teacher cache and centres for methods that need them. Every rank reads the whole cache,
-    so the centres, typicalities and MarginDistillation's dataset normaliser are the same on all of them. Also
-    returns the teacher offset (``teacher.subtract_mean``, else None) that the training step subtracts from the
-    rows, as it was subtracted here from the centres."""
+    """Load and check the teacher cache, then build the method's teacher side (``distill.context``). Every rank
+    reads the whole cache, so the centres, typicalities and MarginDistillation's dataset normaliser are the same
+    on all of them. Also returns the teacher offset (``teacher.subtract_mean``, else None) that the training step
+    subtracts from the rows, as it was subtracted here from the centres."""
     method_cls, params = method_params(config.method)
     context = MethodContext(
         dataset.num_classes,
@@ -165,16 +166,16 @@ def prepare_method_context(
             f"{config.model.embedding_size}-d; set model.embedding_size={cache.embedding_size} (the student uses "
             "the teacher's class centres, so the sizes must match)"
         )
-    offset = cache.mean_embedding() if config.teacher.subtract_mean else None
-    centres, source = class_centres(cache, dataset.labels, dataset.num_classes, config.teacher.centres, offset)
-    context.centres = centres
-    context.typicality = cache.typicality(centres, dataset.labels, offset=offset)
-    info = {
-        "teacher_id": cache.teacher_id,
-        "centres": source,
-        "typicality_max": float(context.typicality.max()),
-    }
-    return context, cache, offset, info
+    spec = TeacherSpec(
+        cache,
+        np.asarray(dataset.labels),
+        dataset.num_classes,
+        centres=config.teacher.centres,
+        subtract_mean=config.teacher.subtract_mean,
+    )
+    side = build_teacher_side(spec)
+    side.fill(context)
+    return context, cache, side.offset, side.info(cache)
 
 
 def train(config: Config, resume: bool = False, progress: bool = True) -> RunSummary:

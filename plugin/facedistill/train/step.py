@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from facedistill.config import Config
 from facedistill.data.datasets import Batch
@@ -105,10 +104,8 @@ class TrainStep:
             )
         teacher = None
         if self.cache is not None:
-            rows = mirrored if self.mirror_rows else None
-            teacher = self.cache.rows(batch.indices, rows)
-            if self.teacher_offset is not None:
-                teacher = F.normalize(teacher, dim=1) - self.teacher_offset
+            rows = mirrored if self.mirror_rows and self.method.mirror_rows else None
+            teacher = self.cache.rows(batch.indices, rows, self.teacher_offset)
             teacher = teacher.to(self.device, non_blocking=True)
         images = normalise(images.to(self.device, non_blocking=True)).contiguous(memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
