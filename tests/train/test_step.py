@@ -6,6 +6,7 @@ from torch import nn
 from facedistill.data.datasets import Batch
 from facedistill.data.images import normalise, random_horizontal_flip
 from facedistill.distill.base import DistillMethod
+from facedistill.teachers.cache import centre_rows
 from facedistill.train.step import TrainingDivergedError, TrainStep, step_generator
 
 
@@ -28,9 +29,11 @@ class RecordingMethod(DistillMethod):
 class TwoViewCache:
     """Row i, view v is the vector [i, v, 1, ...]: the rows handed to the method say which view was taken."""
 
-    def rows(self, indices: torch.Tensor, mirrored: torch.Tensor | None = None) -> torch.Tensor:
+    def rows(
+        self, indices: torch.Tensor, mirrored: torch.Tensor | None = None, offset: torch.Tensor | None = None
+    ) -> torch.Tensor:
         view = torch.zeros(len(indices)) if mirrored is None else mirrored.float()
-        return torch.stack([indices.float(), view, *torch.ones(6, len(indices))], dim=1)
+        return centre_rows(torch.stack([indices.float(), view, *torch.ones(6, len(indices))], dim=1), offset)
 
 
 def _step(method: DistillMethod, model: nn.Module, **options) -> TrainStep:

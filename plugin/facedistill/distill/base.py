@@ -87,10 +87,13 @@ def build_margin_head(
     m3: float,
     learnable: bool = True,
     centres: torch.Tensor | None = None,
+    target_form: str = "continue",
 ) -> MarginHead | ShardedMarginHead:
     """``MarginHead``, or with ``context.shard_heads`` its sharded twin holding this rank's block of centres."""
     if not context.shard_heads:
-        return MarginHead(context.num_classes, context.embedding_size, scale, m1, m2, m3, learnable, centres)
+        return MarginHead(
+            context.num_classes, context.embedding_size, scale, m1, m2, m3, learnable, centres, target_form
+        )
     if centres is None and learnable:
         # Drawn in full, as MarginHead draws them, then sliced: the run starts from the centres one process would,
         # and consumes the same random numbers.
@@ -106,6 +109,7 @@ def build_margin_head(
         centres,
         # The backbone is under DDP, which averages what the sharded head already made exact per rank.
         undo_ddp_average=True,
+        target_form=target_form,
     )
 
 

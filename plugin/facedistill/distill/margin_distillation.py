@@ -179,7 +179,7 @@ class MarginDistillation(DistillMethod):
                 sample_rate=params.sample_rate,
                 dtype=getattr(torch, params.centre_dtype),
                 undo_ddp_average=context.shard_heads,
-                past_pi=params.past_pi,
+                target_form=params.past_pi,
             )
             # The head holds its own (possibly half-precision) copy; at millions of identities the context's
             # float32 block would double the memory for nothing.
@@ -195,7 +195,7 @@ class MarginDistillation(DistillMethod):
                 0.0,
                 learnable=False,
                 centres=context.centres,
-                past_pi=params.past_pi,
+                target_form=params.past_pi,
             )
         dataset_max = None
         if params.normaliser == "dataset":

@@ -12,9 +12,16 @@ Numerical safety: cosines are computed in float32 outside autocast and clamped t
 When ``m1 * theta + m2 > pi``, ``cos`` would turn back up and reward a larger angle. Beyond that boundary
 ``theta_b = (pi - m2) / m1`` the target logit instead continues as ``cos(theta) - cos(theta_b) - 1 - m3``: equal
 to the margin curve at the boundary (``-1 - m3``), and monotonically decreasing in ``theta`` like it. (insightface
-uses ``cos(theta) - m sin(m)`` there, which is monotone but jumps at the boundary.) ``past_pi="cos"`` keeps the
-plain ``cos(m1 theta + m2) - m3`` everywhere instead, as the official MarginDistillation code and arcface_torch's
-CombinedMarginLoss compute it.
+uses ``cos(theta) - m sin(m)`` there, which is monotone but jumps at the boundary.)
+
+``target_form`` chooses among three forms of the true-class logit:
+
+- ``continue`` (default): the above, with the exact gradient;
+- ``cos``: plain ``cos(m1 theta + m2) - m3`` everywhere, exact gradient (the official MarginDistillation code);
+- ``framework``: arcface_torch's CombinedMarginLoss, which applies arccos, ``+ m2`` and cos in place under
+  ``no_grad``: the value is plain ``cos(theta + m2) - m3`` but the gradient passes straight through the margin, as
+  if the logit were ``cos(theta)``. The losses agree; the gradients do not (by ~0.4-1.2 in embedding-gradient norm
+  on random batches), so a baseline "as the framework trains it" needs this form.
 """
 
 from __future__ import annotations
@@ -29,31 +36,37 @@ from facedistill.registry import Registry
 
 HEADS = Registry[nn.Module]("head")
 COS_EPS = 1e-6
-# What the true-class logit does where m1 * theta + m2 > pi: continue monotonically (facedistill) or plain cos.
-PAST_PI = ("continue", "cos")
+# The forms of the true-class logit (see the module docstring).
+TARGET_FORMS = ("continue", "cos", "framework")
 
 
 def margin_target_logit(
-    cos_theta: torch.Tensor, m1: float, m2: torch.Tensor | float, m3: float, past_pi: str = "continue"
+    cos_theta: torch.Tensor, m1: float, m2: torch.Tensor | float, m3: float, target_form: str = "continue"
 ) -> torch.Tensor:
     """Margin-adjusted cosine of the true class (unscaled); ``m2`` is a scalar or one margin per sample."""
     m2 = torch.as_tensor(m2, dtype=cos_theta.dtype, device=cos_theta.device)
+    if target_form == "framework":
+        # The value of the margin, the gradient of the plain cosine (a straight-through margin); no gradient flows
+        # through arccos, so it needs no guard at +-1 and takes arccos of the clamped cosine, as upstream does.
+        with torch.no_grad():
+            value = torch.cos(m1 * torch.acos(cos_theta.clamp(-1.0, 1.0)) + m2) - m3
+        return cos_theta + (value - cos_theta.detach())
     theta = torch.acos(cos_theta.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS))
     angle = m1 * theta + m2
     with_margin = torch.cos(angle) - m3
-    if past_pi == "cos":
+    if target_form == "cos":
         return with_margin
     boundary = (math.pi - m2) / m1
     beyond = cos_theta - torch.cos(boundary) - 1.0 - m3
     return torch.where(angle <= math.pi, with_margin, beyond)
 
 
-def check_margins(m1: float, m2: float, m3: float, past_pi: str = "continue") -> None:
+def check_margins(m1: float, m2: float, m3: float, target_form: str = "continue") -> None:
     """The one check of a head's combined margin (every margin head calls it)."""
     if m1 < 1.0 or m2 < 0.0 or m3 < 0.0:
         raise ValueError(f"margins must satisfy m1 >= 1, m2 >= 0, m3 >= 0; got {m1}, {m2}, {m3}")
-    if past_pi not in PAST_PI:
-        raise ValueError(f"past_pi must be one of {', '.join(PAST_PI)}, got {past_pi!r}")
+    if target_form not in TARGET_FORMS:
+        raise ValueError(f"target_form must be one of {', '.join(TARGET_FORMS)}, got {target_form!r}")
 
 
 class MarginHead(nn.Module):
@@ -73,11 +86,11 @@ class MarginHead(nn.Module):
         m3: float = 0.0,
         learnable: bool = True,
         centres: torch.Tensor | None = None,
-        past_pi: str = "continue",
+        target_form: str = "continue",
     ) -> None:
         super().__init__()
-        check_margins(m1, m2, m3, past_pi)
-        self.past_pi = past_pi
+        check_margins(m1, m2, m3, target_form)
+        self.target_form = target_form
         self.num_classes = num_classes
         self.embedding_size = embedding_size
         self.scale = scale
@@ -109,7 +122,7 @@ class MarginHead(nn.Module):
         cos = self.cosine(embeddings)
         true_cos = cos.gather(1, labels[:, None]).squeeze(1)
         m2 = self.m2 if margin is None else margin.float()
-        target = margin_target_logit(true_cos, self.m1, m2, self.m3, self.past_pi)
+        target = margin_target_logit(true_cos, self.m1, m2, self.m3, self.target_form)
         logits = cos.scatter(1, labels[:, None], target[:, None])
         return logits * self.scale
 

@@ -96,12 +96,12 @@ class _ChunkedMarginCrossEntropy(torch.autograd.Function):
     ``weight``; ``target`` [B] is the position of the true class in ``columns`` (-1 where it lives elsewhere)."""
 
     @staticmethod
-    def forward(ctx, x, weight, columns, target, margin, scale, m1, m3, past_pi, chunk, group, world):  # type: ignore[override]
+    def forward(ctx, x, weight, columns, target, margin, scale, m1, m3, target_form, chunk, group, world):  # type: ignore[override]
         owned = target >= 0
         rows = owned.nonzero().squeeze(1)
         true_cos = x.new_zeros(x.shape[0])
         true_cos[rows] = (x[rows] * weight[columns[target[rows]]].float()).sum(dim=1)
-        true_logit = scale * margin_target_logit(true_cos, m1, margin, m3, past_pi)
+        true_logit = scale * margin_target_logit(true_cos, m1, margin, m3, target_form)
         peak = x.new_full((x.shape[0],), -torch.inf)
         total = x.new_zeros(x.shape[0])
         # The scaled logits [B, S] are kept for the backward pass (as PartialFC_V2 keeps its own), written chunk by
@@ -122,7 +122,7 @@ class _ChunkedMarginCrossEntropy(torch.autograd.Function):
         if not bool((picked[:, 1] == 1.0).all()):
             raise ValueError("a label is outside [0, num_classes): no rank holds its class centre")
         ctx.save_for_backward(x, columns, target, margin, true_cos, true_logit, peak, total, logits)
-        ctx.weight, ctx.scale, ctx.m1, ctx.m3, ctx.past_pi, ctx.chunk = weight, scale, m1, m3, past_pi, chunk
+        ctx.weight, ctx.scale, ctx.m1, ctx.m3, ctx.target_form, ctx.chunk = weight, scale, m1, m3, target_form, chunk
         return (total.log() + peak - picked[:, 0]).mean()
 
     @staticmethod
@@ -146,7 +146,7 @@ class _ChunkedMarginCrossEntropy(torch.autograd.Function):
             with torch.enable_grad():
                 cos = true_cos[rows].detach().requires_grad_(True)
                 row_margin = margin[rows] if margin.dim() else margin
-                target_logit = margin_target_logit(cos, ctx.m1, row_margin, ctx.m3, ctx.past_pi)
+                target_logit = margin_target_logit(cos, ctx.m1, row_margin, ctx.m3, ctx.target_form)
                 (slope,) = torch.autograd.grad(target_logit.sum(), cos)
             probability = torch.exp(true_logit[rows] - peak[rows]) / total[rows]
             correction = scale * (probability - 1.0) * (slope - 1.0)
@@ -231,13 +231,13 @@ class FrozenPartialFC(nn.Module):
         chunk: int = DEFAULT_CHUNK,
         group: ProcessGroup | None = None,
         undo_ddp_average: bool = False,
-        past_pi: str = "continue",
+        target_form: str = "continue",
     ) -> None:
         super().__init__()
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        check_margins(m1, m2, m3, past_pi)
-        self.past_pi = past_pi
+        check_margins(m1, m2, m3, target_form)
+        self.target_form = target_form
         self.group = group
         self.rank, self.world_size = group_rank_and_size(group)
         self.num_classes = num_classes
@@ -321,7 +321,7 @@ class FrozenPartialFC(nn.Module):
             row_margin = fixed if margin is None else self._gather(margin.detach().float())
             terms = {
                 "margin": _ChunkedMarginCrossEntropy.apply(
-                    x, self.weight, columns, target, row_margin, self.scale, self.m1, self.m3, self.past_pi,
+                    x, self.weight, columns, target, row_margin, self.scale, self.m1, self.m3, self.target_form,
                     self.chunk, self.group, self.world_size,
                 )
             }  # fmt: skip

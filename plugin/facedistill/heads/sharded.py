@@ -316,9 +316,11 @@ class ShardedMarginHead(nn.Module):
         local_centres: torch.Tensor | None = None,
         group: ProcessGroup | None = None,
         undo_ddp_average: bool = False,
+        target_form: str = "continue",
     ) -> None:
         super().__init__()
-        check_margins(m1, m2, m3)
+        check_margins(m1, m2, m3, target_form)
+        self.target_form = target_form
         self.group = group
         self.rank, self.world_size = group_rank_and_size(group)
         if num_classes < self.world_size:
@@ -378,7 +380,7 @@ class ShardedMarginHead(nn.Module):
             cos = F.linear(F.normalize(gathered, dim=1), self._normalised_weight())
             true_cos = cos.gather(1, column[:, None]).squeeze(1)
             m2 = self.m2 if margin is None else self._gather(margin.detach().float())
-            target = torch.where(owned, margin_target_logit(true_cos, self.m1, m2, self.m3), true_cos)
+            target = torch.where(owned, margin_target_logit(true_cos, self.m1, m2, self.m3, self.target_form), true_cos)
             logits = cos.scatter(1, column[:, None], target[:, None]) * self.scale
             local_labels = torch.where(owned, column, torch.full_like(column, -1))
             return _DistributedCrossEntropy.apply(logits, local_labels, self.group)
@@ -391,7 +393,7 @@ class ShardedMarginHead(nn.Module):
             cos = F.linear(F.normalize(embeddings.float(), dim=1), self._normalised_weight())
         true_cos = cos.gather(1, labels[:, None]).squeeze(1)
         m2 = self.m2 if margin is None else margin.float()
-        target = margin_target_logit(true_cos, self.m1, m2, self.m3)
+        target = margin_target_logit(true_cos, self.m1, m2, self.m3, self.target_form)
         logits = cos.scatter(1, labels[:, None], target[:, None])
         return F.cross_entropy(logits * self.scale, labels)
 

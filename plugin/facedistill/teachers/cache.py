@@ -121,8 +121,7 @@ class TeacherCache:
         as the centres were built."""
         index = indices.cpu().numpy()
         view = np.zeros(len(index), dtype=np.int64) if mirrored is None else mirrored.cpu().numpy().astype(np.int64)
-        rows = torch.from_numpy(np.asarray(self.embeddings[index, view], dtype=np.float32))
-        return rows if offset is None else F.normalize(rows, dim=1) - offset
+        return centre_rows(torch.from_numpy(np.asarray(self.embeddings[index, view], dtype=np.float32)), offset)
 
     def head_centres(self) -> torch.Tensor | None:
         path = self.directory / HEAD_CENTRES
@@ -213,6 +212,12 @@ class TeacherCache:
             own = centres[torch.from_numpy(labels[start : start + chunk])]
             out[start : start + len(block)] = (block * own[:, None, :]).sum(dim=2)
         return out
+
+
+def centre_rows(rows: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    """Teacher rows as a method sees them: unchanged, or with ``offset`` (``subtract_mean``) L2-normalised and
+    centred, ``normalize(t) - offset``, as the mean centres were built."""
+    return rows if offset is None else F.normalize(rows, dim=1) - offset
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
