@@ -18,9 +18,10 @@ training, so that background load touches all alike.
     python benchmarks/arcface_torch_cpu.py --workdir bench_out/arcface_torch_val [--seeds 2048 2049] \
         [--rows arcface md_official md] [--speed-rounds 2] [--skip-speed]
 
-Resumable: a training whose log holds its last step's validation is not run again, an LFW reading already in
-``results.json`` is not read again, so the study can span sessions. Writes ``results.json``, ``results.md``,
-``roc_lfw.png`` and ``angles_<row>.png`` into ``--workdir`` and prints the table.
+Resumable: a run already in the results JSON is not trained again, nor is its LFW read again, and a training whose
+log holds its last step's validation is not rerun; with ``--results`` inside ``benchmarks/results/`` (committed as
+rows finish) the study spans sessions. Writes the results JSON (default ``WORKDIR/results.json``) and, beside it
+with its stem, the table (``.md``), ``_roc_lfw.png`` and ``_angles_<row>.png``, and prints the table.
 """
 
 from __future__ import annotations
@@ -271,17 +272,26 @@ def main() -> None:
     parser.add_argument("--speed-samples", type=int, default=4, help="speed readings (10 steps each) per round")
     parser.add_argument("--skip-speed", action="store_true", help="train and read LFW only")
     parser.add_argument("--skip-training", action="store_true", help="only the speed rounds")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="results JSON (default WORKDIR/results.json); the table, ROC and angle plots are written beside it with "
+        "its stem. Point it into benchmarks/results/ and commit it as rows finish: a later session resumes from it",
+    )
     args = parser.parse_args()
     args.workdir = args.workdir.resolve()
     if not UPSTREAM.is_dir():
         raise SystemExit(f"upstream arcface_torch not found at {UPSTREAM} (../shared beside the repository)")
     args.workdir.mkdir(parents=True, exist_ok=True)
     root = prepare(args.workdir, args.nproc, args.rows)
-    results_path = args.workdir / "results.json"
+    results_path = (args.results or args.workdir / "results.json").resolve()
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    stem = results_path.with_suffix("")
     report: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
 
     def save() -> None:
-        results_path.write_text(json.dumps(report))
+        results_path.write_text(json.dumps(report) + "\n")
 
     lfw_reader: dict[str, Any] = {}
 
@@ -325,7 +335,7 @@ def main() -> None:
     angle_set, centres, teacher = teacher_centres(root, rows)
     curves = {key: VerificationResult.from_dict(entry["lfw"]) for key, entry in report["runs"].items()}
     if curves:
-        plot_roc(curves, args.workdir / "roc_lfw.png", "arcface_torch students on LFW (last model, each seed)")
+        plot_roc(curves, Path(f"{stem}_roc_lfw.png"), "arcface_torch students on LFW (last model, each seed)")
     for row in rows:
         angles = {
             f"{row} seed {entry['seed']}": np.array(entry["angles"]) for entry in report["runs"].values()
@@ -333,7 +343,7 @@ def main() -> None:
         }  # fmt: skip
         plot_angle_histograms(
             angles | {"teacher (SFace)": teacher[row]},
-            args.workdir / f"angles_{row}.png",
+            Path(f"{stem}_angles_{row}.png"),
             f"Angle to the teacher's class centre, {ANGLE_IMAGES} training images: {row}",
         )
     student = create_model("mbf", embedding_size=128)
@@ -365,7 +375,7 @@ def main() -> None:
     ]
     for row, ratio in ratios.items():
         lines.append(f"- {row} img/s / arcface img/s = **{ratio:.3f}** (medians of {len(speed[row])} readings)")
-    (args.workdir / "results.md").write_text("\n".join(lines) + "\n")
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

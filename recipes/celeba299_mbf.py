@@ -7,7 +7,8 @@ the test set, is read once after training, never during it. Data, packed once; `
 repository and ``SHARED`` its ``../shared`` (commands run from the arcface_torch checkout):
 
     facedistill pack $SHARED/data/celeba299 data/celeba299 --exclude $FD/recipes/splits/celeba299/val_identities.txt
-    facedistill pack $SHARED/data/celeba299 data/celeba299/celeba299_val.bin --pairs $FD/recipes/splits/celeba299/val_pairs.tsv
+    facedistill pack $SHARED/data/celeba299 data/celeba299/celeba299_val.bin \
+        --pairs $FD/recipes/splits/celeba299/val_pairs.tsv
     torchrun --nproc_per_node 2 train_v2.py configs/celeba299_mbf
     facedistill eval work_dirs/celeba299_mbf/model.pt --pairs $SHARED/data/lfw_pairs.txt --images $SHARED/data/lfw
 

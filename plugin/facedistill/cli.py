@@ -376,6 +376,13 @@ def align(
         typer.Option("--no-face", help="Faceless images: skip them, or write their centre square."),
     ] = "skip",
     score_threshold: Annotated[float, typer.Option(help="YuNet score threshold (0.5 made the shared data).")] = 0.5,
+    fit: Annotated[
+        Literal["lstsq", "lmeds"],
+        typer.Option(
+            help="Landmark fit: lstsq (least squares, the crops of insightface's norm_crop) or lmeds (robust, may "
+            "drop a landmark; made the shared data)."
+        ),
+    ] = "lstsq",
     resume: Annotated[bool, typer.Option(help="Skip images the report already lists as done.")] = True,
 ) -> None:
     """Detect faces (YuNet), align them to the ArcFace template at 112x112; every image is listed in
@@ -383,7 +390,7 @@ def align(
     from facedistill.data.align import align_folder
 
     try:
-        report = align_folder(src, dst, workers, score_threshold, no_face, resume)
+        report = align_folder(src, dst, workers, score_threshold, no_face, resume, fit=fit)
     except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError, OSError) as error:
         _fail(error)
     typer.echo(report.summary())

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from facedistill.config import Config, apply_overrides, from_dict, load_config
 from facedistill.data.datasets import collate_faces, open_training_set
 from facedistill.data.splits import read_identity_list
-from facedistill.eval.metrics import VerificationResult, plot_roc
+from facedistill.eval.metrics import VerificationResult, format_tar, plot_roc, unestimated_tar_note
 from facedistill.eval.verify import Embedder, evaluate_pairs, load_pairs_set, student_embedder
 from facedistill.teachers.cache import build_teacher_cache, class_centres
 from facedistill.train.checkpoint import load_student
@@ -30,6 +30,9 @@ from facedistill.train.loop import RunSummary, model_profile, train
 
 @dataclass
 class Row:
+    """One model's line of the comparison table; ``num_impostor`` counts the test set's impostor pairs (None if
+    unknown), which says why a TAR@FAR could not be estimated."""
+
     name: str
     accuracy_mean: float
     accuracy_std: float
@@ -40,24 +43,38 @@ class Row:
     images_per_second: float | None = None
     wall_seconds: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    num_impostor: int | None = None
+
+
+TABLE_FAR = 1e-3
 
 
 def markdown_table(rows: list[Row], test_name: str) -> str:
+    """The comparison as a markdown table: accuracy, TAR@FAR=1e-3 (``-`` where the test set has too few impostor
+    pairs to estimate it, with the reason once under the table), size, cost and training speed."""
     header = (
         f"| model | {test_name} acc. (mean +- std, %) | TAR@FAR=1e-3 | params | MACs | epochs | train img/s "
         "| wall (s) |\n|---|---|---|---|---|---|---|---|"
     )
     lines = [header]
+    unestimated: list[Row] = []
     for row in rows:
-        tar = row.tar_at_far.get(1e-3, float("nan"))
+        tar = format_tar(row.tar_at_far.get(TABLE_FAR))
+        if tar == "-":
+            unestimated.append(row)
         params = f"{row.params / 1e6:.2f} M" if row.params else "-"
         macs = f"{row.macs / 1e9:.3f} G" if row.macs else "-"
         lines.append(
-            f"| {row.name} | {row.accuracy_mean * 100:.2f} +- {row.accuracy_std * 100:.2f} | {tar * 100:.2f} | "
+            f"| {row.name} | {row.accuracy_mean * 100:.2f} +- {row.accuracy_std * 100:.2f} | {tar} | "
             f"{params} | {macs} | {row.epochs if row.epochs is not None else '-'} | "
             f"{f'{row.images_per_second:.1f}' if row.images_per_second else '-'} | "
             f"{f'{row.wall_seconds:.0f}' if row.wall_seconds else '-'} |"
         )
+    if unestimated:
+        # Every row is evaluated on the same test set, so one count stands for all of them.
+        counts = {row.num_impostor for row in unestimated if row.num_impostor is not None}
+        count = counts.pop() if len(counts) == 1 else None
+        lines += ["", unestimated_tar_note(TABLE_FAR, "1e-3", {"this set": count})]
     return "\n".join(lines)
 
 
@@ -102,6 +119,8 @@ def compare_methods(
     teacher_angles = all_teacher_angles[angle_rows]
 
     test_set = load_pairs_set(test_pairs, test_images, name="test")
+    # Counted from the pairs rather than read from the results: a teacher result cached by an older version lacks it.
+    num_impostor = int((~test_set.pairs.issame).sum())
     teacher_result = _teacher_result(out_dir, teacher, test_set, test_pairs, test_images, progress)
     results: dict[str, VerificationResult] = {"teacher": teacher_result}
     rows = [
@@ -111,6 +130,7 @@ def compare_methods(
             teacher_result.accuracy_std,
             teacher_result.tar_at_far,
             extra={"teacher_id": teacher.teacher_id},
+            num_impostor=num_impostor,
         )
     ]
     report: dict[str, Any] = {
@@ -152,6 +172,7 @@ def compare_methods(
                 round(summary.epochs, 2),
                 summary.images_per_second,
                 summary.wall_seconds,
+                num_impostor=num_impostor,
             )
         )
         report["students"][name] = {**summary.to_dict(), "model": profile, "config": config.to_dict()}

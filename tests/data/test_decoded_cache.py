@@ -1,6 +1,8 @@
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,3 +220,38 @@ def test_importing_the_decoded_cache_does_not_import_the_teachers() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def _data_imports() -> dict[str, set[str]]:
+    """``{module: facedistill.data modules it imports}`` for every module of facedistill.data, function-level
+    (lazy) imports included, read from the source."""
+    package = Path(decoded_module.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in sorted(package.glob("*.py")):
+        name = f"facedistill.data.{path.stem}"
+        imported: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+                imported.update(f"{node.module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+        graph[name] = {other for other in imported if other.startswith("facedistill.data.") and other != name}
+    return {name: {other for other in imports if other in graph} for name, imports in graph.items()}
+
+
+def test_data_modules_import_each_other_one_way() -> None:
+    graph = _data_imports()
+    assert graph["facedistill.data.decoded_cache"] >= {"facedistill.data.dataset_base"}
+    assert "facedistill.data.datasets" not in graph["facedistill.data.decoded_cache"]
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, "import circle: " + " -> ".join((*path[path.index(name) :], name))
+        if name not in done:
+            for other in sorted(graph[name]):
+                visit(other, (*path, name))
+            done.add(name)
+
+    for name in graph:
+        visit(name, ())

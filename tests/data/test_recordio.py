@@ -399,3 +399,87 @@ def test_truncated_last_image_is_caught_when_opening(packed: tuple[Path, list[tu
     rec.with_suffix(".idx").write_text("".join(f"{k}\t{v}\n" for k, v in offsets.items() if k <= n))
     with pytest.raises(RecordIOError, match=rf"key {n}, byte offset {offsets[n]}: truncated"):
         open_face_record(rec, progress=False)
+
+
+# --- insightface RecBuilder's flat layout, and layouts that cannot be read -------------------------------------------
+
+
+def _recbuilder_style(rec: Path, labels: list[list[float] | float]) -> list[bytes]:
+    """What ``insightface.data.RecBuilder.add_image`` writes: keys from 0, every one an image, no header record."""
+    rec.parent.mkdir(parents=True, exist_ok=True)
+    images = [f"jpeg{key}".encode() for key in range(len(labels))]
+    with RecordIOWriter(rec) as w:
+        for key, (label, image) in enumerate(zip(labels, images, strict=True)):
+            w.write(key, pack_record(IRHeader(0, label if isinstance(label, float) else tuple(label), key), image))
+    classes = int(max(lab if isinstance(lab, float) else lab[0] for lab in labels)) + 1
+    (rec.parent / "property").write_text(f"{classes},112,112\n{len(labels)}\n")  # RecBuilder.close() adds the count
+    return images
+
+
+def test_recbuilder_vector_labels_with_an_image_at_key_0(tmp_path: Path) -> None:
+    # rec_add_mask_param: [class, 0.0, 235 mask parameters], or [class] + 236 x -1.0 where no mask fitted.
+    labels: list[list[float] | float] = [
+        [0.0, 0.0, *np.linspace(-1, 1, 235)],
+        [0.0, *[-1.0] * 236],
+        [1.0, 0.0, *np.linspace(0, 2, 235)],
+        [2.0, *[-1.0] * 236],
+    ]
+    rec = tmp_path / "masked" / "train.rec"
+    images = _recbuilder_style(rec, labels)
+    with RecordIOReader(rec) as r:
+        assert r.read_header(0).flag == 237  # key 0 is an image whose header flag > 0, not an index header
+    with open_face_record(rec, progress=False) as ds:
+        assert ds.keys.tolist() == [0, 1, 2, 3]
+        assert ds.labels.tolist() == [0, 0, 1, 2] and ds.num_classes == 3 and ds.image_size == (112, 112)
+        assert [ds.read_image_bytes(i) for i in range(4)] == images
+
+
+def test_recbuilder_scalar_labels(tmp_path: Path) -> None:
+    rec = tmp_path / "flat" / "train.rec"
+    images = _recbuilder_style(rec, [0.0, 0.0, 1.0])
+    with open_face_record(rec, progress=False) as ds:
+        assert ds.labels.tolist() == [0, 0, 1] and [ds.read_image_bytes(i) for i in range(3)] == images
+
+
+def _one_line_naming(error: pytest.ExceptionInfo[RecordIOError], rec: Path, key: int) -> str:
+    message = str(error.value)
+    assert "\n" not in message and len(message) < 200, (len(message), message)
+    assert message.startswith(f"{rec}: key {key}: "), message
+    return message
+
+
+def test_unreadable_layouts_are_refused_in_one_short_line(tmp_path: Path) -> None:
+    # A 2-value label at key 0 is a header by insightface's rule; (0, 1) is no image key range, as it is for an
+    # image at key 0 that RecBuilder wrote with a [class, flag] vector label.
+    rec = tmp_path / "pairs" / "train.rec"
+    _recbuilder_style(rec, [[0.0, 1.0], [1.0, 1.0]])
+    with pytest.raises(RecordIOError) as error:
+        open_face_record(rec, progress=False)
+    assert "header label (0, 1) is not an image key range; expected insightface's (N+1, N+1+C)" in _one_line_naming(
+        error, rec, 0
+    )
+
+    # A header that promises images the .idx does not list.
+    rec = tmp_path / "short" / "train.rec"
+    rec.parent.mkdir()
+    with RecordIOWriter(rec) as w:
+        w.write(0, pack_record(IRHeader(2, (5.0, 7.0), 0), b""))
+        for key in (1, 2, 4):
+            w.write(key, pack_record(IRHeader(0, 0.0, key), b"img"))
+    with pytest.raises(RecordIOError) as error:
+        open_face_record(rec, progress=False)
+    assert "the key 0 header says images are keys 1..4" in _one_line_naming(error, rec, 3)
+
+    # Records whose labels are not classes.
+    rec = tmp_path / "floats" / "train.rec"
+    _recbuilder_style(rec, [0.0, 0.5])
+    with pytest.raises(RecordIOError) as error:
+        open_face_record(rec, progress=False)
+    assert "image label 0.5 is not a non-negative integer" in _one_line_naming(error, rec, 1)
+
+    # A 237-value label at key 0 used to be taken for a header and refused with all 237 values in the message.
+    rec = tmp_path / "masked" / "train.rec"
+    _recbuilder_style(rec, [[0.0, *[-1.0] * 236], [0.5, *[-1.0] * 236]])
+    with pytest.raises(RecordIOError) as error:
+        open_face_record(rec, progress=False)
+    _one_line_naming(error, rec, 1)

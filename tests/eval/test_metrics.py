@@ -17,11 +17,14 @@ from facedistill.eval.metrics import (
     auc,
     contiguous_folds,
     cosine_similarity,
+    format_tar,
     kfold_accuracy,
     kfold_accuracy_grid,
+    min_impostor_pairs,
     plot_roc,
     roc_curve,
     tar_at_far,
+    unestimated_tar_note,
     verification_metrics,
 )
 
@@ -321,3 +324,27 @@ def test_plot_roc_writes_png(tmp_path):
     assert out.exists() and out.stat().st_size > 1000
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list(out.parent.iterdir()) == [out]  # no temp file left behind
+
+
+def test_unestimated_tar_is_a_dash_with_its_reason():
+    assert min_impostor_pairs(1e-3) == 1000 and min_impostor_pairs(1e-4) == 10_000 and min_impostor_pairs(0.3) == 4
+    assert format_tar(0.98765) == "98.77" and format_tar(float("nan")) == "-" and format_tar(None) == "-"
+    assert (
+        unestimated_tar_note(1e-3, "1e-3", {"this set": 300})
+        == "TAR@FAR=1e-3 needs at least 1,000 impostor pairs; this set has 300."
+    )
+    assert unestimated_tar_note(1e-4, "0.0001", {"lfw": 3000, "old": None, "all_same": 20_000}) == (
+        "TAR@FAR=0.0001 needs at least 10,000 impostor pairs; "
+        "lfw has 3,000, old has fewer, all_same has no genuine pairs."
+    )
+
+    # The count behind the reason is part of a result and survives its JSON form; old results read as unknown.
+    issame = np.repeat([True, False], [700, 999])
+    scores = np.r_[np.linspace(0.5, 1, 700), np.linspace(-1, 0.6, 999)]
+    result = verification_metrics(scores, issame, fars=(1e-3,))
+    assert math.isnan(result.tar_at_far[1e-3]) and result.num_impostor == 999  # one short of 1,000
+    assert VerificationResult.from_dict(json.loads(json.dumps(result.to_dict()))).num_impostor == 999
+    legacy = {key: value for key, value in result.to_dict().items() if key != "num_impostor"}
+    assert VerificationResult.from_dict(legacy).num_impostor is None
+    enough = verification_metrics(np.r_[scores, -1.0], np.r_[issame, False], fars=(1e-3,))
+    assert enough.num_impostor == 1000 and math.isfinite(enough.tar_at_far[1e-3])

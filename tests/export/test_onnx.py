@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import facedistill
 from facedistill.export.onnx import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -119,6 +120,8 @@ def test_metadata(exported):
     assert meta["facedistill.output"] == "raw embedding, not L2-normalised"
     assert meta["facedistill.embedding_size"] == str(EMB)
     assert meta["facedistill.model"] == "TinyFaceNet"
+    # The installed package's version (tests/test_version.py: setup.py's), not a constant that can drift.
+    assert meta["facedistill.version"] == facedistill.__version__
     assert meta["facedistill.teacher"] == "r100"
     assert meta["run"] == "abc"
     assert report.metadata.items() <= meta.items()

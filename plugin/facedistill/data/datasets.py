@@ -1,54 +1,36 @@
-"""Training datasets: identity folders and insightface RecordIO, both yielding (uint8 image, label, index)."""
+"""Training datasets: identity folders and insightface RecordIO, both yielding (uint8 image, label, index).
+
+The base class, the batch and the loaders live in :mod:`facedistill.data.dataset_base`, which the decoded-image cache
+builds on too; they are re-exported here, where the rest of the package has always imported them.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset, Subset
 
-from facedistill.data.images import ImageDecodeError, decode_image, to_chw_tensor
-from facedistill.data.recordio import RecordIOError
+from facedistill.data.dataset_base import Batch, FaceDataset, collate_faces, ordered_loader
+from facedistill.data.decoded_cache import open_decoded_cache
+from facedistill.data.images import ImageDecodeError
+from facedistill.data.recordio import open_face_record
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "Batch",
+    "FaceDataset",
+    "ImageFolderDataset",
+    "RecordDataset",
+    "collate_faces",
+    "open_training_set",
+    "ordered_loader",
+    "scan_identity_folders",
+]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
-
-
-class FaceDataset(Dataset):
-    """Base: ``labels`` (int64, one per image), ``num_classes``, ``fingerprint()`` and ``read_bytes(i)``.
-
-    ``__getitem__`` returns ``(image uint8 [3,H,W], label, index)``; the index finds the image's row in a teacher
-    cache. With ``skip_bad=True`` an unreadable image yields ``None`` (counted by ``collate_faces``) instead of
-    stopping the run.
-    """
-
-    labels: np.ndarray
-    num_classes: int
-
-    def __init__(self, skip_bad: bool = False) -> None:
-        self.skip_bad = skip_bad
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def read_bytes(self, index: int) -> tuple[bytes, str]:
-        raise NotImplementedError
-
-    def fingerprint(self) -> str:
-        raise NotImplementedError
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | None:
-        try:
-            data, source = self.read_bytes(index)
-            image = decode_image(data, source)
-        except (ImageDecodeError, RecordIOError):
-            if self.skip_bad:
-                return None
-            raise
-        return to_chw_tensor(image), int(self.labels[index]), index
 
 
 def scan_identity_folders(root: str | Path) -> dict[str, list[str]]:
@@ -146,8 +128,6 @@ class RecordDataset(FaceDataset):
     """insightface ``train.rec`` + ``train.idx`` (+ ``property``), read without mxnet."""
 
     def __init__(self, rec_path: str | Path, skip_bad: bool = False) -> None:
-        from facedistill.data.recordio import open_face_record
-
         super().__init__(skip_bad)
         self.rec_path = Path(rec_path)
         self.records = open_face_record(self.rec_path)
@@ -193,42 +173,4 @@ def open_training_set(
         dataset = ImageFolderDataset(path, skip_bad, exclude=excluded)
     if decoded_cache is None:
         return dataset
-    from facedistill.data.decoded_cache import open_decoded_cache
-
     return open_decoded_cache(dataset, decoded_cache)
-
-
-class Batch:
-    """A collated training batch; ``skipped`` counts unreadable images dropped under ``skip_bad``."""
-
-    __slots__ = ("images", "labels", "indices", "skipped")
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, skipped: int) -> None:
-        self.images = images
-        self.labels = labels
-        self.indices = indices
-        self.skipped = skipped
-
-    def pin_memory(self) -> Batch:
-        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.indices.pin_memory(), self.skipped)
-
-
-def collate_faces(samples: Sequence[tuple[torch.Tensor, int, int] | None]) -> Batch:
-    kept = [sample for sample in samples if sample is not None]
-    if not kept:
-        raise ImageDecodeError("every image of a batch was unreadable; check the dataset")
-    images = torch.stack([sample[0] for sample in kept])
-    labels = torch.tensor([sample[1] for sample in kept], dtype=torch.int64)
-    indices = torch.tensor([sample[2] for sample in kept], dtype=torch.int64)
-    return Batch(images, labels, indices, len(samples) - len(kept))
-
-
-def ordered_loader(dataset: FaceDataset, rows: Sequence[int], batch_size: int, num_workers: int) -> DataLoader:
-    """Batches of ``dataset``'s ``rows``, in that order (what the caches that write rows by index read through)."""
-    return DataLoader(
-        Subset(dataset, list(rows)),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=collate_faces,
-        shuffle=False,
-    )

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facedistill.data.datasets import FaceDataset, ordered_loader
+from facedistill.data.dataset_base import FaceDataset, ordered_loader
 from facedistill.data.images import FACE_SIZE, ImageDecodeError
 from facedistill.data.rowstore import (
     DEFAULT_CHUNK_ROWS,

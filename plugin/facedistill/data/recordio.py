@@ -14,12 +14,18 @@ Format (dmlc-core ``recordio.cc`` and ``mxnet/recordio.py``):
   ``flag > 0``, ``flag`` float32 labels follow the header and replace the scalar label. The rest is the
   encoded image.
 
-insightface layout (``face2rec2.py`` writes it, ``arcface_torch/dataset.py`` reads it): key 0 is a header
-record with label vector ``(N + 1, N + 1 + C)``; keys ``1..N`` are images in label order; keys ``N+1 ..
-N+C`` are one record per identity whose label vector is ``(first_image_key, end_image_key)``. A reader
-uses ``range(1, int(label[0]))`` as image keys when key 0 has ``flag > 0`` and every key otherwise. Image
-labels are the scalar label (flag 0) or ``label[0]`` of the vector. A ``property`` file beside the
-``.rec`` holds ``num_classes,height,width`` on its first line.
+insightface layouts. The *indexed* one (``face2rec2.py`` and :func:`pack_folder_to_recordio` write it,
+``arcface_torch/dataset.py`` reads it): key 0 is a header record with label vector ``(N + 1, N + 1 + C)``; keys
+``1..N`` are images in label order; keys ``N+1 .. N+C`` are one record per identity whose label vector is
+``(first_image_key, end_image_key)``. The *flat* one (``insightface.data.RecBuilder``, used by ``insightface
+rec.addmaskparam``): every key from 0 is an image, with a scalar label or, for ``add_image(img, [label, ...])``,
+a label vector (``rec_add_mask_param`` writes 237 floats: the class, then mask parameters), so key 0 may be an
+image whose ``flag > 0``. Which one a file is follows insightface's own rule (``rec_add_mask_param``): key 0 is the
+header when its label is a vector of exactly 2 values, and the images are then ``range(1, int(label[0]))``;
+otherwise every key of the ``.idx`` is an image. (arcface_torch's ``MXFaceDataset`` checks only ``flag > 0``, so it
+takes the first image of a flat file with vector labels for a header and reads no images.) Image labels are the
+scalar label (flag 0) or ``label[0]`` of the vector. A ``property`` file beside the ``.rec`` holds
+``num_classes,height,width`` on its first line (RecBuilder adds the image count on a second).
 """
 
 from __future__ import annotations
@@ -616,25 +622,44 @@ def open_face_record(rec_path: str | os.PathLike[str], *, progress: bool = True)
         raise
 
 
-def _open_face_record(reader: RecordIOReader, progress: bool) -> FaceRecord:
+def _short_label(label: float | tuple[float, ...]) -> str:
+    """A label for a one-line message: the scalar, or a vector's first two values and its length."""
+    if isinstance(label, float):
+        return f"{label:g}"
+    shown = ", ".join(f"{value:g}" for value in label[:2])
+    return f"({shown})" if len(label) <= 2 else f"({shown}, ... {len(label)} values)"
+
+
+def _image_keys(reader: RecordIOReader) -> np.ndarray:
+    """The image keys of an insightface ``.rec``, by insightface's rule (module docstring): ``1..N`` when key 0 is
+    a header (a label vector of 2 values, ``(N + 1, N + 1 + C)``), every key of the ``.idx`` otherwise. A header
+    that does not describe keys of the ``.idx`` is refused in one line naming the file, the key and the layout."""
     rec_path = reader.rec_path
     all_keys = reader.keys()
-    if not all_keys:
-        raise RecordIOError(f"{reader.idx_path}: the index is empty, so {rec_path} holds no images")
     header0 = reader.read_header(0) if 0 in reader else None
-    if header0 is not None and header0.flag > 0:
-        end = header0.label[0] if isinstance(header0.label, tuple) else header0.label
-        if not math.isfinite(end) or end < 1 or end != int(end):
-            raise RecordIOError(f"{rec_path}: key 0: header record label {header0.label!r} is not an image key range")
-        keys = np.arange(1, int(end), dtype=np.int64)
-        missing = keys[np.isin(keys, np.asarray(all_keys, dtype=np.int64), invert=True)]
-        if missing.size:
-            raise RecordIOError(
-                f"{rec_path}: header record says images are keys 1..{int(end) - 1}, but {missing.size} of "
-                f"them (first: {missing[:5].tolist()}) are not in {reader.idx_path}. {_REBUILD_HINT}"
-            )
-    else:
-        keys = np.asarray(all_keys, dtype=np.int64)
+    if header0 is None or not isinstance(header0.label, tuple) or len(header0.label) != 2:
+        return np.asarray(all_keys, dtype=np.int64)
+    end = header0.label[0]
+    if not math.isfinite(end) or end < 1 or end != int(end):
+        raise RecordIOError(
+            f"{rec_path}: key 0: header label {_short_label(header0.label)} is not an image key range; expected "
+            "insightface's (N+1, N+1+C) with images at keys 1..N"
+        )
+    keys = np.arange(1, int(end), dtype=np.int64)
+    missing = keys[np.isin(keys, np.asarray(all_keys, dtype=np.int64), invert=True)]
+    if missing.size:
+        raise RecordIOError(
+            f"{rec_path}: key {int(missing[0])}: not in the .idx, but the key 0 header says images are keys "
+            f"1..{int(end) - 1}; rebuild_index() or re-pack"
+        )
+    return keys
+
+
+def _open_face_record(reader: RecordIOReader, progress: bool) -> FaceRecord:
+    rec_path = reader.rec_path
+    if len(reader) == 0:
+        raise RecordIOError(f"{reader.idx_path}: the index is empty, so {rec_path} holds no images")
+    keys = _image_keys(reader)
     if keys.size == 0:
         raise RecordIOError(f"{rec_path}: holds no image records")
 
@@ -645,8 +670,8 @@ def _open_face_record(reader: RecordIOReader, progress: bool) -> FaceRecord:
     if bad.any():
         i = int(np.argmax(bad))
         raise RecordIOError(
-            f"{rec_path}: key {int(keys[i])}: image label {float(raw[i])!r} is not a non-negative "
-            f"integer; the record is not an insightface image record or the file is corrupt"
+            f"{rec_path}: key {int(keys[i])}: image label {float(raw[i]):g} is not a non-negative integer; "
+            "expected insightface image records (label = class)"
         )
     labels = raw.astype(np.int64)
 

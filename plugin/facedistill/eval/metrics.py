@@ -41,11 +41,14 @@ __all__ = [
     "auc",
     "contiguous_folds",
     "cosine_similarity",
+    "format_tar",
     "kfold_accuracy",
     "kfold_accuracy_grid",
+    "min_impostor_pairs",
     "plot_roc",
     "roc_curve",
     "tar_at_far",
+    "unestimated_tar_note",
     "verification_metrics",
 ]
 
@@ -286,6 +289,41 @@ def auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
     return float(abs(np.sum(dx * (yv[1:] + yv[:-1]) / 2.0)))
 
 
+# Slack for float rounding of n_neg * far (e.g. 1000 * 1e-3): exactly one false accept resolves the target.
+_ONE_FALSE_ACCEPT = 1.0 - 1e-9
+
+
+def min_impostor_pairs(far: float) -> int:
+    """The fewest impostor pairs on which TAR@FAR=``far`` can be estimated: enough for one false accept (1,000 for
+    1e-3); :func:`tar_at_far` gives NaN below that."""
+    return math.ceil(_ONE_FALSE_ACCEPT / float(far))
+
+
+def format_tar(value: float | None) -> str:
+    """A TAR in percent with 2 decimals for a table, or ``-`` where it could not be estimated (None or NaN)."""
+    return "-" if value is None or not math.isfinite(value) else f"{100.0 * value:.2f}"
+
+
+def unestimated_tar_note(far: float, far_text: str, impostor_pairs: Mapping[str, int | None]) -> str:
+    """The line under a table that says once why its TAR@FAR=``far_text`` cells are ``-``, e.g. ``TAR@FAR=1e-3 needs
+    at least 1,000 impostor pairs; this set has 300.``
+
+    ``impostor_pairs`` maps each set with a ``-`` (by name, e.g. ``"this set"``) to its impostor pair count, None
+    where its stored result predates the count. A set that has enough impostor pairs lacks genuine ones, the only
+    other reason :func:`tar_at_far` gives NaN.
+    """
+    needed = min_impostor_pairs(far)
+    reasons = []
+    for name, count in impostor_pairs.items():
+        if count is None:
+            reasons.append(f"{name} has fewer")
+        elif count >= needed:
+            reasons.append(f"{name} has no genuine pairs")
+        else:
+            reasons.append(f"{name} has {count:,}")
+    return f"TAR@FAR={far_text} needs at least {needed:,} impostor pairs; {', '.join(reasons)}."
+
+
 def _tar_at_far_from_roc(fpr: np.ndarray, tpr: np.ndarray, n_neg: int, fars: Iterable[float]) -> dict[float, float]:
     out: dict[float, float] = {}
     for far in fars:
@@ -294,7 +332,7 @@ def _tar_at_far_from_roc(fpr: np.ndarray, tpr: np.ndarray, n_neg: int, fars: Ite
             raise ValueError(f"FAR target must be in (0, 1], got {far}")
         # Below one false accept in n_neg, FAR cannot be resolved: the only admissible operating point
         # would be FAR = 0, whose TAR says nothing about the requested target.
-        if n_neg == 0 or n_neg * far < 1.0 - 1e-9 or np.isnan(tpr).all():
+        if n_neg == 0 or n_neg * far < _ONE_FALSE_ACCEPT or np.isnan(tpr).all():
             out[far] = float("nan")
             continue
         ok = fpr <= far * (1.0 + 1e-12)
@@ -342,6 +380,8 @@ class VerificationResult:
     auc: float
     num_pairs: int
     threshold_search: str = field(default="grid")
+    # Negative pairs; None in results stored before it was recorded. It says why a TAR@FAR is NaN.
+    num_impostor: int | None = None
 
     def to_dict(self, include_roc: bool = True) -> dict[str, Any]:
         """Plain-python, JSON-serialisable dict; NaN/inf become ``None``, FAR keys become strings."""
@@ -355,6 +395,7 @@ class VerificationResult:
             "auc": _json_float(self.auc),
             "num_pairs": int(self.num_pairs),
             "threshold_search": self.threshold_search,
+            "num_impostor": None if self.num_impostor is None else int(self.num_impostor),
         }
         if include_roc:
             d["roc_fpr"] = [_json_float(v) for v in np.asarray(self.roc_fpr).tolist()]
@@ -382,6 +423,7 @@ class VerificationResult:
             auc=num(d.get("auc")),
             num_pairs=int(d["num_pairs"]),
             threshold_search=str(d.get("threshold_search", "grid")),
+            num_impostor=None if d.get("num_impostor") is None else int(d["num_impostor"]),
         )
 
     def summary(self) -> str:
@@ -421,6 +463,7 @@ def verification_metrics(
         auc=auc(fpr, tpr) if has_both else float("nan"),
         num_pairs=int(s.size),
         threshold_search=threshold_search,
+        num_impostor=int((~y).sum()),
     )
 
 

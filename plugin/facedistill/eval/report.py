@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from facedistill.eval.metrics import VerificationResult
+from facedistill.eval.metrics import VerificationResult, format_tar, unestimated_tar_note
 
 __all__ = ["write_run_report"]
 
@@ -161,7 +161,7 @@ def _test_table(tests: dict[str, Any], flip: Any) -> list[str]:
             name,
             str(r.num_pairs),
             f"{100 * r.accuracy_mean:.2f} +- {100 * r.accuracy_std:.2f}",
-            *(_pct(r.tar_at_far.get(far, math.nan)) for far in fars),
+            *(format_tar(r.tar_at_far.get(far, math.nan)) for far in fars),
             "n/a" if not math.isfinite(r.auc) else f"{r.auc:.4f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -169,9 +169,20 @@ def _test_table(tests: dict[str, Any], flip: Any) -> list[str]:
     flip_text = {True: " with flip test", False: " without flip test"}.get(flip, "")
     search = next(iter(results.values())).threshold_search
     lines.append(
-        f"10-fold verification{flip_text}, threshold chosen on the other folds ({search} search); TAR@FAR on all "
-        "pairs, n/a when the set has too few negative pairs to resolve that FAR."
+        f"10-fold verification{flip_text}, threshold chosen on the other folds ({search} search); TAR@FAR on all pairs."
     )
+    for far in fars:
+        unestimated = {
+            name: r.num_impostor
+            for name, r in results.items()
+            if far in r.tar_at_far and format_tar(r.tar_at_far[far]) == "-"
+        }
+        if unestimated:
+            lines += ["", unestimated_tar_note(far, f"{far:g}", unestimated)]
+        # A set evaluated without this FAR target shows '-' too, for another reason than its impostor pairs.
+        not_computed = [name for name, r in results.items() if far not in r.tar_at_far]
+        if not_computed:
+            lines += ["", f"TAR@FAR={far:g} was not computed for {', '.join(not_computed)}."]
     return lines
 
 
