@@ -77,3 +77,28 @@ def test_the_cpu_protocol_twins_differ_only_in_distillation_keys(loaded: dict) -
     baseline.pop("output"), md.pop("output")
     assert {key: value for key, value in md.items() if key not in PLUGIN_KEYS} == baseline
     assert md["loss"] == "margin_distillation" and md["teacher"] == "sface"
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_fp16_on_a_cpu_warns_once_naming_the_key(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], rank: str
+) -> None:
+    import torch
+    from easydict import EasyDict as edict
+
+    from facedistill.arcface_torch.recipe import check_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("RANK", rank)
+    cfg = edict(loss=None, fp16=True, rec="data/x")
+    assert check_config(cfg) is cfg
+    err = capsys.readouterr().err
+    if rank == "0":
+        assert err.count("\n") == 1 and err.startswith("warning: config.fp16 = True") and "config.fp16 = False" in err
+    else:
+        assert err == ""  # the other ranks stay quiet
+    check_config(edict(loss=None, fp16=False, rec="data/x"))
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_config(cfg)
+    assert capsys.readouterr().err == ""  # on a GPU fp16 is what the framework intends

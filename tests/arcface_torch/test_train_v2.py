@@ -74,6 +74,25 @@ def in_checkout(patched_checkout: Path, monkeypatch: pytest.MonkeyPatch) -> Path
     return patched_checkout
 
 
+def test_loss_params_without_a_facedistill_loss_is_refused_before_any_data_is_read(patched_checkout: Path) -> None:
+    # config.rec and the val targets point nowhere: the refusal must come from the recipe check, which runs
+    # in get_config, before the framework opens its data (a user once waited 71 s for it).
+    recipe = (
+        "from easydict import EasyDict as edict\n"
+        "config = edict(loss='arcface', loss_params=dict(kd_weight=1.0), rec='no/such/folder', num_classes=6,\n"
+        "               num_image=60, val_targets=['no_such_target'], network='mbf', embedding_size=128,\n"
+        "               batch_size=4, num_epoch=1, fp16=False)\n"
+    )
+    (patched_checkout / "configs" / "tiny_arcface_params.py").write_text(recipe)
+    result = run(torchrun(1, "train_v2.py", "configs/tiny_arcface_params"), cwd=patched_checkout, check=False)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: config.loss_params is set but config.loss selects no facedistill method"], result.stderr[
+        -3000:
+    ]
+    assert "no/such/folder" not in result.stderr and "no_such_target" not in result.stderr
+
+
 def test_a_teacher_of_another_embedding_size_is_refused_with_both_numbers(in_checkout: Path) -> None:
     from facedistill.arcface_torch.head import build_distill_head
     from facedistill.arcface_torch.recipe import RecipeError
@@ -125,8 +144,25 @@ def test_a_cache_of_another_rec_or_teacher_is_refused(
     manifest = json.loads((cache / "manifest.json").read_text())
     manifest[field] = value
     (cache / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as refused:
         build_distill_head(_recipe(in_checkout, teacher_cache=str(cache)), 0, 1)
+    # The plugin's own command, not the toolkit's `facedistill cache-teacher`.
+    assert "rebuild it with `facedistill arcface-torch cache-teacher CONFIG --overwrite`" in str(refused.value)
+
+
+def test_an_unfinished_cache_names_the_plugins_command(in_checkout: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from facedistill.arcface_torch.head import build_distill_head
+
+    cache = tmp_path / "cache"
+    shutil.copytree(in_checkout / "data" / "tiny" / "teacher_cache", cache)
+    done = bytearray((cache / "chunks.done").read_bytes())
+    done[-1] = 0  # the last chunk unwritten, as after a kill
+    (cache / "chunks.done").write_bytes(bytes(done))
+    with pytest.raises(ValueError, match="is incomplete") as refused:
+        build_distill_head(_recipe(in_checkout, teacher_cache=str(cache)), 0, 1)
+    assert "run `facedistill arcface-torch cache-teacher CONFIG` again to finish it" in str(refused.value)
 
 
 def test_a_missing_cache_says_how_to_build_it(in_checkout: Path, tmp_path: Path) -> None:

@@ -483,3 +483,106 @@ def test_unreadable_layouts_are_refused_in_one_short_line(tmp_path: Path) -> Non
     with pytest.raises(RecordIOError) as error:
         open_face_record(rec, progress=False)
     _one_line_naming(error, rec, 1)
+
+
+# --- insightface's own writer (RecBuilder) and arcface_torch's own key rule ------------------------------------------
+
+
+def _mxnet_recordio_stand_in() -> object:
+    """``mxnet.recordio`` as ``insightface.data.rec_builder`` uses it, backed by facedistill's writer.
+
+    mxnet 1.9 cannot be imported with numpy >= 1.24, so RecBuilder's ``import mxnet`` is given this module. What the
+    test exercises is RecBuilder's own code: which keys it writes, in which order, with which label layout, and
+    its ``property`` file. The byte format under it is mxnet's (checked against hand-built frames above)."""
+    import types
+
+    class MXIndexedRecordIO:
+        def __init__(self, idx_path: str, uri: str, flag: str) -> None:
+            assert flag == "w"
+            self.writer = RecordIOWriter(uri, idx_path)
+
+        def write_idx(self, idx: int, buf: bytes) -> None:
+            self.writer.write(idx, buf)
+
+        def close(self) -> None:  # mxnet writes the .idx when the writer is closed or collected
+            self.writer.close()
+
+    def irheader(flag: int, label: object, id: int, id2: int) -> IRHeader:  # noqa: A002 - mxnet's field name
+        return IRHeader(flag, tuple(float(v) for v in label) if isinstance(label, list) else float(label), id, id2)
+
+    def pack_img(header: IRHeader, img: np.ndarray, quality: int = 95, img_fmt: str = ".jpg") -> bytes:
+        ok, encoded = cv2.imencode(img_fmt, img, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        assert ok
+        return pack_record(header, encoded.tobytes())
+
+    return types.SimpleNamespace(
+        MXIndexedRecordIO=MXIndexedRecordIO, IRHeader=irheader, pack=pack_record, pack_img=pack_img
+    )
+
+
+@pytest.fixture
+def rec_builder(monkeypatch: pytest.MonkeyPatch) -> type:
+    pytest.importorskip("insightface", reason="insightface is not installed (.[test] has it)")
+    import importlib
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "mxnet", types.SimpleNamespace(recordio=_mxnet_recordio_stand_in()))
+    monkeypatch.delitem(sys.modules, "insightface.data.rec_builder", raising=False)
+    return importlib.import_module("insightface.data.rec_builder").RecBuilder
+
+
+def _faces(count: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [cv2.resize(rng.integers(0, 256, (7, 7, 3), dtype=np.uint8), (112, 112)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("layout", ["scalar labels (add)", "vector labels (add_image, as rec_add_mask_param)"])
+def test_rec_written_by_insightface_recbuilder_reads_image_and_label_identical(
+    rec_builder: type, tmp_path: Path, layout: str
+) -> None:
+    out = tmp_path / "rec"
+    builder = rec_builder(str(out))
+    faces, classes = _faces(7, 0), [0, 0, 0, 1, 2, 2, 2]
+    if layout.startswith("scalar"):
+        for label in range(3):
+            builder.add([face for face, c in zip(faces, classes, strict=True) if c == label])
+    else:
+        for face, label in zip(faces, classes, strict=True):
+            # rec_add_mask_param's label: the class, then 236 mask parameters (here -1: no mask fitted).
+            builder.add_image(face, [float(label), *[-1.0] * 236])
+    builder.close()
+    builder.writer.close()
+    with RecordIOReader(out / "train.rec") as reader:
+        keys = reader.keys()
+        written = [unpack_record(reader.read(key))[1] for key in keys]
+        assert reader.read_header(0).flag == (0 if layout.startswith("scalar") else 237)
+    with open_face_record(out / "train.rec", progress=False) as ds:
+        assert ds.labels.tolist() == classes and ds.num_classes == 3 and ds.image_size == (112, 112)
+        assert [ds.read_image_bytes(i) for i in range(len(classes))] == written
+        decoded = [cv2.imdecode(np.frombuffer(ds.read_image_bytes(i), np.uint8), cv2.IMREAD_COLOR) for i in range(7)]
+    for image, face in zip(decoded, faces, strict=True):
+        assert np.abs(image.astype(int) - face).mean() < 3  # JPEG q95 of the image RecBuilder was given
+
+
+def _framework_image_keys(rec: Path) -> list[int]:
+    """arcface_torch ``MXFaceDataset.__init__``'s rule, as its dataset.py writes it: key 0's header has flag > 0 ->
+    images are ``range(1, int(header.label[0]))``, else every key of the .idx."""
+    with RecordIOReader(rec) as reader:
+        header, _ = unpack_record(reader.read(0))
+        if header.flag > 0:
+            return list(range(1, int(header.label[0])))
+        return reader.keys()
+
+
+def test_facedistill_pack_reads_with_the_framework_key_rule(tmp_path: Path) -> None:
+    samples = make_images(tmp_path / "images")
+    out = pack_folder_to_recordio(samples, tmp_path / "rec", progress=False)
+    rec = out / "train.rec" if out.is_dir() else out
+    keys = _framework_image_keys(rec)
+    with RecordIOReader(rec) as reader, open_face_record(rec, progress=False) as ds:
+        assert keys == ds.keys.tolist()
+        labels = [unpack_record(reader.read(key))[0].label for key in keys]
+        framework_labels = [int(label[0] if isinstance(label, tuple) else label) for label in labels]
+        assert framework_labels == ds.labels.tolist() == [label for _, label in samples]
+        assert [unpack_record(reader.read(key))[1] for key in keys] == [Path(p).read_bytes() for p, _ in samples]

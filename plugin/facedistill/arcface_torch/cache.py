@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from facedistill.arcface_torch.data import open_framework_dataset
 from facedistill.arcface_torch.hooks import backend
-from facedistill.arcface_torch.recipe import RecipeError, method_name, teacher_cache_dir
+from facedistill.arcface_torch.recipe import CACHE_COMMAND, RecipeError, method_name, teacher_cache_dir
 from facedistill.arcface_torch.teacher import create_recipe_teacher
 from facedistill.teachers.cache import TeacherCache, build_teacher_cache
 
@@ -68,10 +68,11 @@ def cache_recipe_teacher(
         progress=rank == 0,
         rank=rank,
         world_size=world_size,
+        command=CACHE_COMMAND,
     )
     if world_size > 1:
         dist.barrier()
-    cache = TeacherCache(directory)
+    cache = TeacherCache(directory, CACHE_COMMAND)
     cache.check(dataset, teacher.teacher_id)
     if world_size > 1:
         dist.destroy_process_group()

@@ -19,6 +19,7 @@ from torch import nn
 
 from facedistill.arcface_torch.data import open_framework_dataset
 from facedistill.arcface_torch.recipe import (
+    CACHE_COMMAND,
     RECIPE_TEACHER_KEYS,
     RecipeError,
     method_name,
@@ -93,10 +94,10 @@ def build_distill_head(cfg: Any, rank: int, world_size: int) -> DistillHead:
         )
     cache_dir = teacher_cache_dir(cfg)
     try:
-        cache = TeacherCache(cache_dir)
+        cache = TeacherCache(cache_dir, CACHE_COMMAND)
     except FileNotFoundError:
         raise RecipeError(
-            f"no teacher cache at {cache_dir}; build it first: facedistill arcface-torch cache-teacher CONFIG "
+            f"no teacher cache at {cache_dir}; build it first: {CACHE_COMMAND} "
             "(under torchrun, each rank embeds a share)"
         ) from None
     cache.check(dataset, recipe_teacher_id(cfg))

@@ -65,15 +65,18 @@ class TeacherCache:
     """A teacher cache opened for reading; ``check``/``check_source`` refuse it for another dataset or teacher, or
     while it is unfinished (unwritten rows read as zeros)."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, command: str = COMMAND) -> None:
+        # ``command`` is what the user runs to build this cache, named in every refusal: the toolkit's
+        # ``facedistill cache-teacher`` or the plugin's ``facedistill arcface-torch cache-teacher CONFIG``.
         self.directory = Path(directory)
-        self.store = RowStore(self.directory, WHAT, COMMAND, {"kind": KIND, "format": CACHE_FORMAT})
+        self.command = command
+        self.store = RowStore(self.directory, WHAT, command, {"kind": KIND, "format": CACHE_FORMAT})
         self.manifest: dict[str, Any] = self.store.manifest
         expected = (self.num_images, 2, self.embedding_size)
         if self.store.layout.shape != expected or self.store.layout.dtype != "float16":
             raise StaleCacheError(
                 f"{self.directory / MANIFEST}: rows {self.store.layout.shape} of {self.store.layout.dtype} do not "
-                f"match {expected} of float16; rebuild it with `{COMMAND} --overwrite`"
+                f"match {expected} of float16; rebuild it with `{command} --overwrite`"
             )
         self.embeddings = self.store.data()
 
@@ -105,12 +108,12 @@ class TeacherCache:
             raise StaleCacheError(
                 f"teacher cache {where} was built for another dataset ({self.manifest['dataset_fingerprint']}, "
                 f"{self.num_images} images) than this one ({fingerprint}, {num_images} images); "
-                f"rebuild it with `{COMMAND} --overwrite`"
+                f"rebuild it with `{self.command} --overwrite`"
             )
         if teacher_id is not None and teacher_id != self.teacher_id:
             raise StaleCacheError(
                 f"teacher cache {where} holds embeddings of teacher '{self.teacher_id}', not '{teacher_id}'; "
-                f"rebuild it with `{COMMAND} --overwrite`"
+                f"rebuild it with `{self.command} --overwrite`"
             )
 
     def rows(
@@ -294,8 +297,10 @@ def build_teacher_cache(
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    command: str = COMMAND,
 ) -> TeacherCache:
     """Embed every image and its mirror with ``teacher``; resumes a partial cache of the same teacher/dataset.
+    ``command`` is the user's command that builds it, named in refusals (:class:`TeacherCache`).
 
     Process ``rank`` of ``world_size`` embeds only its share of the unfinished chunks (``chunk_images`` rows each,
     fixed when the cache is created) and writes ``head_centres.npy`` when it is rank 0. The returned cache is
@@ -320,7 +325,7 @@ def build_teacher_cache(
     # A token per store made: the stored mean embedding names the manifest it was computed from.
     extra = {"store_id": uuid.uuid4().hex}
     with open_for_writing(
-        directory, identity, layout, WHAT, COMMAND, overwrite=overwrite, rank=rank, world_size=world_size,
+        directory, identity, layout, WHAT, command, overwrite=overwrite, rank=rank, world_size=world_size,
         extra=extra, on_create=_forget_derived,
     ) as store:  # fmt: skip
         if rank == 0:
@@ -339,7 +344,7 @@ def build_teacher_cache(
                     writer.data[batch.indices.numpy()] = rows.numpy().astype(np.float16)
                     writer.advance(count)
         complete = store.complete
-    cache = TeacherCache(directory)
+    cache = TeacherCache(directory, command)
     if complete:
         cache.check_source(fingerprint, len(dataset), teacher.teacher_id)
     return cache
