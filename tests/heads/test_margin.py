@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from facedistill.heads import HEADS, MarginHead, margin_target_logit
+from facedistill.heads import MarginHead, margin_target_logit
 
 
 def _head_with_unit_centres(**kwargs) -> MarginHead:
@@ -84,9 +84,3 @@ def test_wrong_centre_shape_is_a_clear_error() -> None:
         MarginHead(5, 128, centres=torch.zeros(5, 512), learnable=False)
     with pytest.raises(ValueError, match="frozen centres need"):
         MarginHead(5, 128, learnable=False)
-
-
-def test_registry_builds_named_heads() -> None:
-    assert set(HEADS.names()) >= {"arcface", "cosface", "sphereface", "combined"}
-    head = HEADS.create("cosface", num_classes=4, embedding_size=8, margin=0.35)
-    assert (head.m1, head.m2, head.m3) == (1.0, 0.0, 0.35)

@@ -43,7 +43,6 @@ KIND = "decoded-images"
 IMAGES = "images.u8"
 LABELS = "labels.npy"
 ROW_SHAPE = (FACE_SIZE[1], FACE_SIZE[0], 3)
-ROW_BYTES = int(np.prod(ROW_SHAPE))
 WHAT = "decoded image cache"
 COMMAND = "facedistill cache-images"
 SPACE_ADVICE = "choose a directory with room, or leave data.decoded_cache unset to decode images on the fly"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import cv2
 import numpy as np
 import torch
@@ -32,14 +30,6 @@ def decode_image(data: bytes, source: str, expected_size: tuple[int, int] | None
             f"{expected_size[0]}x{expected_size[1]} faces; align it with `facedistill align` first"
         )
     return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
-
-
-def read_image_file(path: str | Path, expected_size: tuple[int, int] | None = FACE_SIZE) -> np.ndarray:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as error:
-        raise ImageDecodeError(f"{path}: cannot be read ({error.strerror or error})") from None
-    return decode_image(data, str(path), expected_size)
 
 
 def to_chw_tensor(image: np.ndarray) -> torch.Tensor:

@@ -438,10 +438,6 @@ class RecordIOWriter:
         self._seen: set[int] = set()
         self._pos = 0
 
-    def tell(self) -> int:
-        """Byte offset where the next record will start."""
-        return self._pos
-
     def write(self, key: int, data: bytes) -> None:
         if self._file is None:
             raise ValueError(f"RecordIOWriter for {self.rec_path} is closed")

@@ -1,3 +1,3 @@
-from facedistill.heads.margin import HEADS, MarginHead, margin_target_logit
+from facedistill.heads.margin import MarginHead, margin_target_logit
 
-__all__ = ["HEADS", "MarginHead", "margin_target_logit"]
+__all__ = ["MarginHead", "margin_target_logit"]

@@ -32,9 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facedistill.registry import Registry
-
-HEADS = Registry[nn.Module]("head")
 COS_EPS = 1e-6
 # The forms of the true-class logit (see the module docstring).
 TARGET_FORMS = ("continue", "cos", "framework")
@@ -131,33 +128,3 @@ class MarginHead(nn.Module):
             f"classes={self.num_classes}, dim={self.embedding_size}, s={self.scale}, "
             f"m=({self.m1}, {self.m2}, {self.m3}), learnable={self.learnable}"
         )
-
-
-@HEADS.register("arcface")
-def arcface_head(num_classes: int, embedding_size: int, scale: float = 64.0, margin: float = 0.5, **kw) -> MarginHead:
-    return MarginHead(num_classes, embedding_size, scale, 1.0, margin, 0.0, **kw)
-
-
-@HEADS.register("cosface")
-def cosface_head(num_classes: int, embedding_size: int, scale: float = 64.0, margin: float = 0.4, **kw) -> MarginHead:
-    return MarginHead(num_classes, embedding_size, scale, 1.0, 0.0, margin, **kw)
-
-
-@HEADS.register("sphereface")
-def sphereface_head(
-    num_classes: int, embedding_size: int, scale: float = 64.0, margin: float = 1.35, **kw
-) -> MarginHead:
-    return MarginHead(num_classes, embedding_size, scale, margin, 0.0, 0.0, **kw)
-
-
-@HEADS.register("combined")
-def combined_head(
-    num_classes: int,
-    embedding_size: int,
-    scale: float = 64.0,
-    m1: float = 1.0,
-    m2: float = 0.3,
-    m3: float = 0.2,
-    **kw,
-) -> MarginHead:
-    return MarginHead(num_classes, embedding_size, scale, m1, m2, m3, **kw)
