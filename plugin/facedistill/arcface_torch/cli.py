@@ -15,7 +15,10 @@ arcface_torch_app = typer.Typer(
 
 
 def _fail(error: Exception) -> None:
-    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    """One line, once per job (rank 0 under torchrun; see ``refusals``), exit status 2."""
+    from facedistill.arcface_torch.refusals import report
+
+    report(error)
     raise typer.Exit(2)
 
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from facedistill.data.datasets import FaceDataset, ImageFolderDataset, RecordDataset
 from facedistill.data.images import decode_image
-from facedistill.data.verification import read_bin
+from facedistill.data.verification import check_bin_folds, read_bin
 
 
 def normalise_like_upstream(image_uint8_chw: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,8 @@ class FolderFaceDataset(FrameworkFaces):
     """Identity folders (upstream's torchvision ``ImageFolder`` branch), read without torchvision."""
 
     def __init__(self, root_dir: str | Path, sample_info: bool = False) -> None:
-        super().__init__(ImageFolderDataset(root_dir), sample_info)
+        # open_framework_dataset: a config.rec that is neither a pack nor a folder is refused saying what to do
+        super().__init__(open_framework_dataset(root_dir), sample_info)
 
 
 class CPUDataLoader(DataLoader):
@@ -107,10 +108,13 @@ def load_bin(path: str | Path, image_size: tuple[int, int] = (112, 112)) -> tupl
     """An insightface ``.bin`` verification pack as upstream's ``load_bin`` returns it: ``([images, mirrored],
     issame)``, each a float32 [2P, 3, H, W] tensor of RGB values in 0..255, pair k being images 2k and 2k+1.
 
-    Images must already be ``image_size``; upstream resized the short side, which for the square 112x112 packs of
-    this field is a no-op, so another size is refused with the pack and image named rather than silently resized.
+    A pair order whose 10 contiguous folds lack genuine or impostor pairs is refused (the framework's scoring
+    divides by both counts). Images must already be ``image_size``; upstream resized the short side, which for
+    the square 112x112 packs of this field is a no-op, so another size is refused with the pack and image named
+    rather than silently resized.
     """
     images, issame = read_bin(path)
+    check_bin_folds(issame, path)  # before decoding: the framework would only fail at its first validation
     height, width = image_size
     data = torch.empty((len(images), 3, height, width))
     for index, encoded in enumerate(images):

@@ -3,6 +3,10 @@
 Devices: NCCL and ``cuda:LOCAL_RANK`` where CUDA is available, exactly as upstream; gloo and the CPU otherwise, so
 the same recipe runs on a laptop, in CI and on a GPU cluster.
 
+Refusals: importing this module (the patched ``train_v2.py`` does, first of facedistill) makes every refusal one
+line from rank 0 (``facedistill.arcface_torch.refusals``), wherever the run meets it: recipe, data, teacher, cache
+or val targets.
+
 Heads: ``build_head`` returns the framework's own ``PartialFC_V2(CombinedMarginLoss)``, built with upstream's
 arguments, when ``config.loss`` is absent or ``"arcface"``, and a facedistill ``DistillHead`` otherwise.
 """
@@ -15,7 +19,10 @@ from typing import Any
 import torch
 from torch import distributed, nn
 
-from facedistill.arcface_torch.recipe import RecipeError, method_name
+from facedistill.arcface_torch import refusals
+from facedistill.arcface_torch.recipe import method_name
+
+refusals.install()
 
 
 def backend() -> str:
@@ -42,14 +49,11 @@ def needs_sample_info(cfg: Any) -> bool:
 
 
 def build_head(cfg: Any, margin_loss: nn.Module, partial_fc_v2: Callable[..., nn.Module]) -> nn.Module:
-    """The run's margin head; a recipe that cannot run stops here, before training, with one line."""
+    """The run's margin head; a recipe that cannot run with its teacher or cache stops here, before training."""
     if method_name(cfg) is None:
         return partial_fc_v2(margin_loss, cfg.embedding_size, cfg.num_classes, cfg.sample_rate, False)
     from facedistill.arcface_torch.head import build_distill_head
 
     rank = distributed.get_rank() if distributed.is_initialized() else 0
     world_size = distributed.get_world_size() if distributed.is_initialized() else 1
-    try:
-        return build_distill_head(cfg, rank, world_size)
-    except (RecipeError, ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None
+    return build_distill_head(cfg, rank, world_size)

