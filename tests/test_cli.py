@@ -59,7 +59,11 @@ def test_eval_export_and_pack_from_the_command_line(trained, tmp_path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "accuracy" in result.output and (tmp_path / "roc_pairs.png").exists()
-    assert json.loads((tmp_path / "eval_pairs.json").read_text())["num_pairs"] == 60
+    saved = json.loads((tmp_path / "eval_pairs.json").read_text())
+    assert saved["num_pairs"] == 60
+    # 60 pairs cannot estimate TAR@FAR=1e-3: the tables' "-" and one line saying why, not "n/a".
+    assert "TAR@FAR=0.001: -" in result.output and "n/a" not in result.output
+    assert f"TAR@FAR=0.001 needs at least 1,000 impostor pairs; this set has {saved['num_impostor']}." in result.output
 
     result = runner.invoke(app, ["export", str(run / "last.pt"), "-o", str(tmp_path / "m.onnx")])
     assert result.exit_code == 0, result.output

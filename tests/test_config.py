@@ -98,3 +98,25 @@ def test_validate_config_accepts_every_method_with_its_defaults() -> None:
         assert method_cls is METHODS.get(name) and dataclasses.is_dataclass(params)
     # Methods without a teacher need no cache.
     validate_config(load_config(None, ["data.train=faces", "method.name=arcface", "run.device=cpu"]))
+
+
+def test_a_params_range_check_is_named_by_the_front_end_that_read_it() -> None:
+    from dataclasses import dataclass
+
+    from facedistill.config import ParamError, field_key, from_dict
+
+    @dataclass
+    class Params:
+        weight: float = 1.0
+
+        def __post_init__(self) -> None:
+            if self.weight < 0:
+                raise ParamError("weight", f"must be >= 0, got {self.weight}")
+
+    with pytest.raises(ConfigError, match=r"^method\.weight must be >= 0, got -1\.0$"):
+        from_dict(Params, {"weight": -1.0}, prefix="method")
+    with pytest.raises(ConfigError, match=r'^config\.loss_params\["weight"\] must be >= 0, got -1\.0$'):
+        from_dict(Params, {"weight": -1.0}, prefix="config.loss_params", item_keys=True)
+    with pytest.raises(ParamError, match=r"^weight must be >= 0"):
+        Params(weight=-1.0)
+    assert field_key("", "weight") == "weight" and field_key("a.b", "c") == "a.b.c"

@@ -200,7 +200,7 @@ def evaluate(
     """Verification (LFW, pairs, CFP: 10-fold accuracy, TAR@FAR), IJB-B/C TAR@FAR 1e-6..1e-1 or MegaFace rank-1."""
     import numpy as np
 
-    from facedistill.eval.metrics import VerificationResult, plot_roc
+    from facedistill.eval.metrics import VerificationResult, format_tar, plot_roc, unestimated_tar_note
     from facedistill.eval.protocols import PROTOCOLS, evaluate_protocol, load_protocol, write_result
     from facedistill.eval.verify import student_embedder
 
@@ -234,9 +234,9 @@ def evaluate(
         _fail(error)
 
     def tars(values: dict[str, float | None]) -> str:
-        return "  ".join(
-            f"TAR@FAR={float(far):g}: " + ("n/a" if tar is None else f"{tar * 100:.2f}%") for far, tar in values.items()
-        )
+        # The tables' spelling (format_tar): "-" where a TAR could not be estimated, said why below the line.
+        shown = {far: format_tar(tar) for far, tar in values.items()}
+        return "  ".join(f"TAR@FAR={float(far):g}: {text}{'' if text == '-' else '%'}" for far, text in shown.items())
 
     name = result["protocol"]
     if result["kind"] == "identification":
@@ -252,6 +252,10 @@ def evaluate(
     else:
         summary = VerificationResult.from_dict(result).summary()
         typer.echo(f"{name}: accuracy {summary}  {tars(result['tar_at_far'])}")
+        impostors = {"this set": result.get("num_impostor")}
+        for far, tar in result["tar_at_far"].items():
+            if format_tar(tar) == "-":
+                typer.echo(unestimated_tar_note(float(far), f"{float(far):g}", impostors))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_result(result, out / f"eval_{name}.json")

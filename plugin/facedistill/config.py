@@ -26,6 +26,28 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message names the dotted key."""
 
 
+class ParamError(ConfigError):
+    """A hyper-parameter out of range, raised by a ``Params`` dataclass about one of its fields (``key``, as the
+    dataclass names it). :func:`from_dict` re-raises it under the key the user typed in the front end that read it:
+    ``method.kd_weight`` in a facedistill config, ``config.loss_params["kd_weight"]`` in an arcface_torch recipe."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key, self.problem = key, problem
+        super().__init__(self.under(key))
+
+    def under(self, key: str) -> str:
+        """The message with the field named ``key`` ("must be ..." follows a space, ": ..." the key itself)."""
+        return f"{key}{self.problem}" if self.problem.startswith(":") else f"{key} {self.problem}"
+
+
+def field_key(prefix: str, name: str, item_keys: bool = False) -> str:
+    """How a front end spells field ``name`` of section ``prefix``: ``prefix.name``, or ``prefix["name"]`` where the
+    section is a Python dict (``item_keys``, an arcface_torch recipe's ``config.loss_params``)."""
+    if not prefix:
+        return name
+    return f'{prefix}["{name}"]' if item_keys else f"{prefix}.{name}"
+
+
 def at_least(default: Any, minimum: float, *, exclusive: bool = False) -> Any:
     """A numeric field that must be >= ``minimum`` (> with ``exclusive``), checked by ``from_dict`` when the config
     is built: such values otherwise fail mid-run (a zero ``log_every`` divides by zero after the first step) or
@@ -181,20 +203,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in get_args(tp):
-            if option is type(None):
-                if value is None:
-                    return None
-                continue
-            try:
-                return coerce(value, option, key)
-            except ConfigError as error:
-                errors.append(str(error))
-        if len(errors) == 1:
-            # X | None: the one real option's own message ("is not one of ...") says what is allowed.
-            raise ConfigError(errors[0])
-        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
+        return _coerce_union(value, tp, key)
     if origin is Literal:
         if value not in get_args(tp):
             allowed = ", ".join(repr(option) for option in get_args(tp))
@@ -203,44 +212,61 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
     if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        args = get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
-            return tuple(
-                coerce(item, arg, f"{key}[{i}]") for i, (item, arg) in enumerate(zip(value, args, strict=True))
-            )
-        item_type = args[0] if args else Any
-        items = [coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+        return _coerce_sequence(value, origin, get_args(tp), key)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         _, value_type = get_args(tp) or (str, Any)
         return {str(k): coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
+    if tp in _SCALARS:
+        expected, accepts = _SCALARS[tp]
+        if not accepts(value):
+            raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+        return float(value) if tp is float else value
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
 
 
-def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a mapping, refusing unknown keys and mistyped values."""
+# What each scalar annotation accepts (a YAML true is not an integer, an integer is a number).
+_SCALARS: dict[type, tuple[str, Any]] = {
+    bool: ("true or false", lambda value: isinstance(value, bool)),
+    int: ("an integer", lambda value: isinstance(value, int) and not isinstance(value, bool)),
+    float: ("a number", lambda value: isinstance(value, int | float) and not isinstance(value, bool)),
+    str: ("a string", lambda value: isinstance(value, str)),
+}
+
+
+def _coerce_union(value: Any, tp: Any, key: str) -> Any:
+    errors = []
+    for option in get_args(tp):
+        if option is type(None):
+            if value is None:
+                return None
+            continue
+        try:
+            return coerce(value, option, key)
+        except ConfigError as error:
+            errors.append(str(error))
+    if len(errors) == 1:
+        # X | None: the one real option's own message ("is not one of ...") says what is allowed.
+        raise ConfigError(errors[0])
+    raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
+
+
+def _coerce_sequence(value: Any, origin: Any, args: tuple[Any, ...], key: str) -> list[Any] | tuple[Any, ...]:
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(coerce(item, arg, f"{key}[{i}]") for i, (item, arg) in enumerate(zip(value, args, strict=True)))
+    item_type = args[0] if args else Any
+    items = [coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+    return tuple(items) if origin is tuple else items
+
+
+def from_dict(cls: type[T], data: Any, prefix: str = "", item_keys: bool = False) -> T:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys, mistyped and out-of-range values with the
+    key spelled as the front end spells it (:func:`field_key`)."""
     where = prefix or "config"
     if data is None:
         data = {}
@@ -254,9 +280,12 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
     values = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.name in data:
-            key = f"{prefix + '.' if prefix else ''}{f.name}"
+            key = field_key(prefix, f.name, item_keys)
             values[f.name] = _check_minimum(coerce(data[f.name], hints[f.name], key), f.metadata, key)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ParamError as error:
+        raise ConfigError(error.under(field_key(prefix, error.key, item_keys))) from None
 
 
 def _check_minimum(value: Any, metadata: Any, key: str) -> Any:

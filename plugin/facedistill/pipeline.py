@@ -102,21 +102,12 @@ def compare_methods(
     exclude_list = base_config.get("data", {}).get("exclude_identities")
     dataset = open_training_set(train_data, exclude=read_identity_list(exclude_list) if exclude_list else None)
     started = time.perf_counter()
+    workers = base_config.get("data", {}).get("num_workers", 2)
     cache = build_teacher_cache(
-        teacher,
-        dataset,
-        out_dir / "teacher_cache",
-        batch_size=teacher_batch_size,
-        num_workers=base_config.get("data", {}).get("num_workers", 2),
-        progress=progress,
+        teacher, dataset, out_dir / "teacher_cache", teacher_batch_size, workers, progress=progress
     )
     cache_seconds = time.perf_counter() - started
-    centres, _ = class_centres(cache, dataset.labels, dataset.num_classes)
-    # The histograms compare distributions, so a fixed seeded sample of the training set is enough for them.
-    angle_rows = np.sort(np.random.default_rng(0).permutation(len(dataset))[:angle_sample_size])
-    angle_sample = Subset(dataset, angle_rows.tolist())
-    all_teacher_angles = np.degrees(np.arccos(cache.typicality(centres, dataset.labels)[:, 0].clamp(-1, 1).numpy()))
-    teacher_angles = all_teacher_angles[angle_rows]
+    centres, angle_sample, teacher_angles = _angle_sample(cache, dataset, angle_sample_size)
 
     test_set = load_pairs_set(test_pairs, test_images, name="test")
     # Counted from the pairs rather than read from the results: a teacher result cached by an older version lacks it.
@@ -143,39 +134,17 @@ def compare_methods(
         "students": {},
     }
     for name, overrides in methods.items():
-        data = json.loads(json.dumps(base_config))
-        data = _merge(data, overrides)
-        data.setdefault("run", {})["output_dir"] = str(out_dir / name)
-        data.setdefault("data", {})["train"] = str(train_data)
-        data.setdefault("teacher", {})["cache"] = str(out_dir / "teacher_cache")
-        data.setdefault("eval", {})["tests"] = [
-            {
-                "name": "test",
-                "pairs": str(test_pairs),
-                **({"images": str(test_images)} if test_images else {}),
-            }
-        ]
-        config = from_dict(Config, data)
+        config = _student_config(base_config, overrides, out_dir / name, train_data, test_pairs, test_images)
         summary = finished_run(config) or train(config, progress=progress)
-        test = summary.tests["test"]
-        result = VerificationResult.from_dict(test)
-        results[name] = result
+        result = results[name] = VerificationResult.from_dict(summary.tests["test"])
         profile = model_profile(config)
         rows.append(
             Row(
-                name,
-                result.accuracy_mean,
-                result.accuracy_std,
-                result.tar_at_far,
-                profile["params"],
-                profile["macs"],
-                round(summary.epochs, 2),
-                summary.images_per_second,
-                summary.wall_seconds,
+                name, result.accuracy_mean, result.accuracy_std, result.tar_at_far, profile["params"],
+                profile["macs"], round(summary.epochs, 2), summary.images_per_second, summary.wall_seconds,
                 num_impostor=num_impostor,
             )
-        )
-        report["students"][name] = {**summary.to_dict(), "model": profile, "config": config.to_dict()}
+        )  # fmt: skip
         student, _ = load_student(out_dir / name / summary.selected)
         student_angles = angles_to_centres(student_embedder(student), angle_sample, centres, progress)
         plot_angle_histograms(
@@ -183,15 +152,43 @@ def compare_methods(
             out_dir / f"angles_{name}.png",
             f"Angle to the teacher's class centre on the training set: {name}",
         )
-        report["students"][name]["angle_to_teacher_centre_deg"] = {
-            "student_mean": float(student_angles.mean()),
-            "teacher_mean": float(teacher_angles.mean()),
-        }
+        angles = {"student_mean": float(student_angles.mean()), "teacher_mean": float(teacher_angles.mean())}
+        report["students"][name] = {
+            **summary.to_dict(), "model": profile, "config": config.to_dict(), "angle_to_teacher_centre_deg": angles
+        }  # fmt: skip
     plot_roc(results, out_dir / "roc_all.png", "Teacher and students")
     table = markdown_table(rows, "test")
     (out_dir / "results.md").write_text(table + "\n")
     (out_dir / "results.json").write_text(json.dumps(report, indent=2, default=str))
     return rows, report
+
+
+def _angle_sample(cache: Any, dataset: Any, size: int) -> tuple[torch.Tensor, Subset, np.ndarray]:
+    """The teacher's mean class centres, a fixed seeded sample of the training set (the angle histograms compare
+    distributions, so a sample is enough) and the teacher's own angles to its centres on it, in degrees."""
+    centres, _ = class_centres(cache, dataset.labels, dataset.num_classes)
+    rows = np.sort(np.random.default_rng(0).permutation(len(dataset))[:size])
+    cosines = cache.typicality(centres, dataset.labels)[:, 0].clamp(-1, 1).numpy()
+    return centres, Subset(dataset, rows.tolist()), np.degrees(np.arccos(cosines))[rows]
+
+
+def _student_config(
+    base_config: dict[str, Any],
+    overrides: dict[str, Any],
+    run_dir: Path,
+    train_data: str | Path,
+    test_pairs: str | Path,
+    test_images: str | Path | None,
+) -> Config:
+    """One student's config: ``overrides`` on ``base_config``, trained on ``train_data`` against the comparison's
+    teacher cache (beside ``run_dir``), tested on the comparison's pairs."""
+    data = _merge(json.loads(json.dumps(base_config)), overrides)
+    data.setdefault("run", {})["output_dir"] = str(run_dir)
+    data.setdefault("data", {})["train"] = str(train_data)
+    data.setdefault("teacher", {})["cache"] = str(run_dir.parent / "teacher_cache")
+    test = {"name": "test", "pairs": str(test_pairs), **({"images": str(test_images)} if test_images else {})}
+    data.setdefault("eval", {})["tests"] = [test]
+    return from_dict(Config, data)
 
 
 def _teacher_result(

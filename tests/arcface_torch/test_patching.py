@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from facedistill.arcface_torch import patching
+from facedistill.arcface_torch.make_patches import make_patch_set, unified_diff
 from facedistill.arcface_torch.patching import (
     FilePatch,
     FileState,
@@ -23,11 +24,9 @@ from facedistill.arcface_torch.patching import (
     PatchSet,
     apply,
     default_patch_dir,
-    make_patch_set,
     parse_diff,
     revert,
     status,
-    unified_diff,
 )
 
 # The upstream snapshot lives beside the repository (../shared) and is never copied into it.
@@ -152,7 +151,15 @@ def test_diffs_are_what_standard_tools_write_and_read(trees: Trees, tmp_path: Pa
 
 def test_make_command_line_writes_the_same_set(trees: Trees, tmp_path: Path) -> None:
     out = tmp_path / "cli_patches"
-    cmd = [sys.executable, "-m", "facedistill.arcface_torch.patching", "make", str(trees.upstream), str(trees.edited)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "facedistill.cli",
+        "arcface-torch",
+        "make-patches",
+        str(trees.upstream),
+        str(trees.edited),
+    ]
     result = subprocess.run([*cmd, str(out), *FILES], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert tree_bytes(out) == tree_bytes(trees.patches)

@@ -102,3 +102,26 @@ def test_fp16_on_a_cpu_warns_once_naming_the_key(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     check_config(cfg)
     assert capsys.readouterr().err == ""  # on a GPU fp16 is what the framework intends
+
+
+@pytest.mark.parametrize(
+    ("loss_params", "message"),
+    [
+        ({"kd_weight": -1.0}, 'config.loss_params["kd_weight"] must be >= 0, got -1.0'),
+        ({"sample_rate": 1.5}, 'config.loss_params["sample_rate"] must be in (0, 1], got 1.5'),
+        ({"m_min": 0.6, "m_max": 0.5}, 'config.loss_params["m_min"] must satisfy 0 <= m_min <= m_max'),
+        ({"preset": "paper"}, "config.loss_params[\"preset\"]: 'paper' is not one of 'facedistill', 'official'"),
+        ({"kd_weight": "x"}, 'config.loss_params["kd_weight"]'),
+    ],
+)
+def test_a_bad_hyper_parameter_is_named_as_the_recipe_spells_it(loss_params: dict, message: str) -> None:
+    # The same checks name the toolkit's key method.kd_weight; the recipe's user typed a dict entry.
+    from easydict import EasyDict as edict
+
+    from facedistill.arcface_torch.recipe import RecipeError, recipe_method
+
+    cfg = edict(loss="margin_distillation", loss_params=loss_params, sample_rate=1.0)
+    with pytest.raises(RecipeError) as caught:
+        recipe_method(cfg)
+    assert str(caught.value).startswith(message), str(caught.value)
+    assert "method." not in str(caught.value)

@@ -297,5 +297,6 @@ def test_the_official_preset_reads_the_original_images_row_for_a_mirror(in_check
 def test_an_unknown_preset_is_refused_when_the_recipe_loads(in_checkout: Path) -> None:
     from facedistill.arcface_torch.recipe import RecipeError, validate
 
-    with pytest.raises(RecipeError, match=r"preset: 'paper' is not one of 'facedistill', 'official'$"):
+    message = r"config\.loss_params\[\"preset\"\]: 'paper' is not one of 'facedistill', 'official'$"
+    with pytest.raises(RecipeError, match=message):
         validate(_recipe(in_checkout, loss_params=dict(preset="paper")))

@@ -14,7 +14,7 @@ def _head_with_unit_centres(**kwargs) -> MarginHead:
 def test_arcface_true_logit_matches_hand_value() -> None:
     head = _head_with_unit_centres(scale=1.0, m2=0.5)
     embedding = torch.tensor([[0.6, 0.8]])  # cos to class 0 = 0.6, to class 1 = 0.8
-    logits = head(embedding, torch.tensor([0]))
+    logits = head.logits(embedding, torch.tensor([0]))
     expected_true = math.cos(math.acos(0.6) + 0.5)  # = 0.14314...
     assert logits[0, 0].item() == pytest.approx(expected_true, abs=1e-5)
     assert logits[0, 1].item() == pytest.approx(0.8, abs=1e-6)
@@ -22,7 +22,7 @@ def test_arcface_true_logit_matches_hand_value() -> None:
 
 def test_scale_multiplies_every_logit() -> None:
     head = _head_with_unit_centres(scale=64.0, m2=0.5)
-    logits = head(torch.tensor([[0.6, 0.8]]), torch.tensor([1]))
+    logits = head.logits(torch.tensor([[0.6, 0.8]]), torch.tensor([1]))
     assert logits[0, 0].item() == pytest.approx(64 * 0.6, abs=1e-4)
     assert logits[0, 1].item() == pytest.approx(64 * math.cos(math.acos(0.8) + 0.5), abs=1e-3)
 
@@ -38,7 +38,7 @@ def test_cosface_and_sphereface_margins() -> None:
 def test_per_sample_margins_replace_m2() -> None:
     head = _head_with_unit_centres(scale=1.0, m2=0.5)
     embeddings = torch.tensor([[0.6, 0.8], [0.6, 0.8]])
-    logits = head(embeddings, torch.tensor([0, 0]), margin=torch.tensor([0.2, 0.45]))
+    logits = head.logits(embeddings, torch.tensor([0, 0]), margin=torch.tensor([0.2, 0.45]))
     assert logits[0, 0].item() == pytest.approx(math.cos(math.acos(0.6) + 0.2), abs=1e-5)
     assert logits[1, 0].item() == pytest.approx(math.cos(math.acos(0.6) + 0.45), abs=1e-5)
 
@@ -47,7 +47,7 @@ def test_per_sample_margins_replace_m2() -> None:
 def test_cos_plus_minus_one_gives_finite_values_and_gradients(direction: float) -> None:
     head = MarginHead(3, 4, scale=64.0, m2=0.5)
     embeddings = (direction * head.weight.detach()[:2].clone()).requires_grad_()
-    logits = head(embeddings, torch.tensor([0, 1]))
+    logits = head.logits(embeddings, torch.tensor([0, 1]))
     F.cross_entropy(logits, torch.tensor([0, 1])).backward()
     assert torch.isfinite(logits).all()
     assert torch.isfinite(embeddings.grad).all()

@@ -1,7 +1,7 @@
 """FrozenPartialFC: MarginDistillation with sharded, sampled, frozen centres, against single-process references.
 
 The two-rank checks run in one spawned gloo world; each rank writes what it computed, and the tests compare it
-with the single-process computation (``MarginHead`` + cross-entropy + ``centre_kd``) on the concatenated batch.
+with the single-process computation (``MarginHead``'s margin and kd terms) on the concatenated batch.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from facedistill.distill.base import MethodContext
-from facedistill.distill.kd import centre_kd
 from facedistill.distill.margin_distillation import MarginDistillation, MarginDistillationParams
 from facedistill.heads import MarginHead
 from facedistill.heads.partial_fc import FrozenPartialFC
@@ -48,7 +47,7 @@ def _params(**extra: object) -> MarginDistillationParams:
 
 
 def _reference_md() -> tuple[float, dict[str, torch.Tensor]]:
-    """MarginDistillation + the angle term on one process: MarginHead, F.cross_entropy and centre_kd."""
+    """MarginDistillation + the angle term on one process: MarginHead's terms."""
     data = _data()
     backbone = _backbone()
     method = MarginDistillation(_params(), MethodContext(C, D, centres=data["centres"]))
@@ -134,8 +133,8 @@ def test_one_process_equals_margin_head_and_centre_kd_in_loss_and_gradient() -> 
     ours = embeddings.grad.clone()
     embeddings.grad = None
     reference = MarginHead(C, D, SCALE, 1.0, 0.3, 0.0, learnable=False, centres=data["centres"])
-    ce = F.cross_entropy(reference(embeddings, data["labels"], data["margins"]), data["labels"])
-    kd = centre_kd(reference, embeddings, data["teacher"], SCALE, TEMPERATURE)
+    ce = F.cross_entropy(reference.logits(embeddings, data["labels"], data["margins"]), data["labels"])
+    kd = reference(embeddings, data["labels"], teacher=data["teacher"], temperature=TEMPERATURE)["kd"]
     (ce + 0.7 * kd).backward()
     torch.testing.assert_close(terms["margin"], ce.detach(), **TOL)
     torch.testing.assert_close(terms["kd"], kd.detach(), **TOL)

@@ -63,7 +63,7 @@ def _reference(
     head = MarginHead(C, D, learnable=learnable, centres=data["centres"], **MARGINS)
     embeddings = data["embeddings"].clone().requires_grad_()
     margin = data["margins"] if with_margin else None
-    loss = F.cross_entropy(head(embeddings, LABELS, margin), LABELS)
+    loss = F.cross_entropy(head.logits(embeddings, LABELS, margin), LABELS)
     loss.backward()
     return loss.detach(), embeddings.grad, head
 
@@ -82,7 +82,7 @@ def _case_equivalence(rank: int, learnable: bool, with_margin: bool) -> None:
     head = ShardedMarginHead(C, D, learnable=learnable, centres=data["centres"], **MARGINS)
     embeddings = _local(data["embeddings"], rank).requires_grad_()
     margin = _local(data["margins"], rank) if with_margin else None
-    loss = head(embeddings, _local(LABELS, rank), margin)
+    loss = head(embeddings, _local(LABELS, rank), margin)["margin"]
     loss.backward()
     start, end = shard_range(C, rank, WORLD)
     full_weight_grad = gather_shards(head.weight.grad, C, dst=None) if learnable else None
@@ -103,7 +103,7 @@ def _case_ddp_backbone(rank: int) -> None:
     model = nn.Linear(IN, D)
     model.load_state_dict(reference_model.state_dict())
     reference_head = MarginHead(C, D, centres=data["centres"], **MARGINS)
-    reference_loss = F.cross_entropy(reference_head(reference_model(data["inputs"]), LABELS), LABELS)
+    reference_loss = F.cross_entropy(reference_head.logits(reference_model(data["inputs"]), LABELS), LABELS)
     reference_loss.backward()
     reference_params = [*reference_model.parameters(), reference_head.weight]
     reference_norm = nn.utils.clip_grad_norm_(reference_params, 0.05)
@@ -111,7 +111,7 @@ def _case_ddp_backbone(rank: int) -> None:
 
     ddp = DistributedDataParallel(model)
     head = ShardedMarginHead(C, D, centres=data["centres"], undo_ddp_average=True, **MARGINS)
-    loss = head(ddp(_local(data["inputs"], rank)), _local(LABELS, rank))
+    loss = head(ddp(_local(data["inputs"], rank)), _local(LABELS, rank))["margin"]
     loss.backward()
     norm = clip_grad_norm_sharded_(model.parameters(), head.parameters(), 0.05)
     torch.optim.SGD([*model.parameters(), head.weight], lr=0.5, momentum=0.9, weight_decay=5e-4).step()
@@ -138,7 +138,7 @@ def _case_resume_across_world_sizes(rank: int, solo: object) -> None:
     reference_optimizer = _sgd([reference.weight])
     for batch in (first, second):
         reference_optimizer.zero_grad()
-        F.cross_entropy(reference(batch["embeddings"], LABELS), LABELS).backward()
+        F.cross_entropy(reference.logits(batch["embeddings"], LABELS), LABELS).backward()
         reference_optimizer.step()
     expected = reference.weight.detach()
     expected_momentum = reference_optimizer.state[reference.weight]["momentum_buffer"]
@@ -146,7 +146,7 @@ def _case_resume_across_world_sizes(rank: int, solo: object) -> None:
     def step(head: ShardedMarginHead, optimizer: torch.optim.Optimizer, batch: dict, world: int, r: int) -> None:
         optimizer.zero_grad()
         rows = slice(r * B_LOCAL, (r + 1) * B_LOCAL) if world > 1 else slice(None)
-        head(batch["embeddings"][rows], LABELS[rows]).backward()
+        head(batch["embeddings"][rows], LABELS[rows])["margin"].backward()
         optimizer.step()
 
     def checkpoint(head: ShardedMarginHead, optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, dict]:
@@ -333,7 +333,7 @@ def test_world_size_one_is_exactly_margin_head_and_cross_entropy(learnable: bool
     head = ShardedMarginHead(C, D, learnable=learnable, centres=data["centres"], **MARGINS)
     assert (head.world_size, head.class_start, head.class_end) == (1, 0, C)
     embeddings = data["embeddings"].clone().requires_grad_()
-    loss = head(embeddings, LABELS, data["margins"] if with_margin else None)
+    loss = head(embeddings, LABELS, data["margins"] if with_margin else None)["margin"]
     loss.backward()
     assert torch.equal(loss.detach(), ref_loss)
     assert torch.equal(embeddings.grad, ref_grad)
@@ -349,7 +349,7 @@ def test_world_size_one_state_and_memory() -> None:
     head.load_full_state(centres * 3)
     assert torch.equal(head.weight.detach(), centres * 3)
     assert head.held_bytes() == C * D * 4
-    head(torch.randn(2, D), torch.tensor([0, 6])).backward()
+    head(torch.randn(2, D), torch.tensor([0, 6]))["margin"].backward()
     assert head.held_bytes() == 2 * C * D * 4  # the shard and its gradient
     cosine = head.true_class_cosine(centres[:2], torch.tensor([1, 0]))
     assert cosine[0].item() == pytest.approx(F.cosine_similarity(centres[0], centres[1], dim=0).item(), abs=1e-6)
@@ -365,7 +365,7 @@ def test_shard_and_unshard_tensors_and_optimizer_state() -> None:
     head = ShardedMarginHead(C, D, centres=_data()["centres"])
     other = nn.Parameter(torch.zeros(3))
     optimizer = _sgd([other, head.weight])
-    head(torch.randn(4, D), torch.tensor([0, 1, 2, 6])).backward()
+    head(torch.randn(4, D), torch.tensor([0, 1, 2, 6]))["margin"].backward()
     other.grad = torch.ones(3)
     optimizer.step()
     saved = unshard_optimizer_state(optimizer.state_dict(), optimizer, head.weight, C)

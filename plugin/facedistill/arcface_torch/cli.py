@@ -58,6 +58,29 @@ def patch(
         _fail(error)
 
 
+@arcface_torch_app.command("make-patches")
+def make_patches(
+    upstream: Annotated[Path, typer.Argument(help="Unmodified arcface_torch at the pinned commit.")],
+    edited: Annotated[Path, typer.Argument(help="The edited copy of it.")],
+    out: Annotated[Path, typer.Argument(help="The patch folder to write (the repository's patches/arcface_torch).")],
+    files: Annotated[list[str], typer.Argument(help="Paths relative to arcface_torch, e.g. utils/utils_config.py.")],
+    commit: Annotated[str | None, typer.Option(help="Upstream commit the set is pinned to.")] = None,
+) -> None:
+    """Maintainers: regenerate the patch set (one diff per file and the manifest of hashes) from an edited copy.
+
+    Each diff is parsed back and must rebuild both trees byte for byte before anything is written."""
+    from facedistill.arcface_torch.make_patches import make_patch_set
+    from facedistill.arcface_torch.patching import MANIFEST_NAME, UPSTREAM_COMMIT, PatchError
+
+    try:
+        made = make_patch_set(upstream, edited, out, files, commit=commit or UPSTREAM_COMMIT)
+    except (PatchError, OSError) as error:
+        _fail(error)
+    for rel, patch in made.files.items():
+        typer.echo(f"{patch.diff}: {rel}, {len(patch.hunks)} hunk(s)")
+    typer.echo(f"wrote {out / MANIFEST_NAME}")
+
+
 @arcface_torch_app.command("cache-teacher")
 def cache_teacher(
     config: Annotated[str, typer.Argument(help="The recipe, as train_v2.py takes it (configs/NAME or a file).")],

@@ -11,8 +11,6 @@ teacher and its cache before training starts.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 from torch import nn
@@ -21,9 +19,10 @@ from facedistill.arcface_torch.data import open_framework_dataset
 from facedistill.arcface_torch.recipe import (
     CACHE_COMMAND,
     RECIPE_TEACHER_KEYS,
+    Recipe,
     RecipeError,
     method_name,
-    method_params,
+    recipe_method,
     teacher_cache_dir,
 )
 from facedistill.arcface_torch.teacher import recipe_teacher_id, teacher_head_shards
@@ -78,13 +77,13 @@ class DistillHead(nn.Module):
         return sum(terms.values())  # type: ignore[return-value]
 
 
-def build_distill_head(cfg: Any, rank: int, world_size: int) -> DistillHead:
+def build_distill_head(cfg: Recipe, rank: int, world_size: int) -> DistillHead:
     """The ``DistillHead`` of the recipe's method, after checking its teacher, cache, classes and embedding size
     against the recipe; every refusal names both numbers or both sources and says what to do. The teacher side
     (centres, normaliser, ``config.teacher_subtract_mean``) is built by ``facedistill.distill.context``, as for
     facedistill's own loop."""
     name = method_name(cfg)
-    method_cls, params = method_params(cfg)
+    method_cls, params = recipe_method(cfg)
     dataset = open_framework_dataset(cfg.rec)
     num_classes = int(cfg.num_classes)
     if dataset.num_classes != num_classes:

@@ -14,13 +14,12 @@ arguments, when ``config.loss`` is absent or ``"arcface"``, and a facedistill ``
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import distributed, nn
 
 from facedistill.arcface_torch import refusals
-from facedistill.arcface_torch.recipe import method_name
+from facedistill.arcface_torch.recipe import Recipe, method_name
 
 refusals.install()
 
@@ -43,12 +42,12 @@ def device_ids(local_rank: int) -> list[int] | None:
     return [local_rank] if torch.cuda.is_available() else None
 
 
-def needs_sample_info(cfg: Any) -> bool:
+def needs_sample_info(cfg: Recipe) -> bool:
     """Whether batches must carry each sample's record index and mirror flag (a facedistill method is on)."""
     return method_name(cfg) is not None
 
 
-def build_head(cfg: Any, margin_loss: nn.Module, partial_fc_v2: Callable[..., nn.Module]) -> nn.Module:
+def build_head(cfg: Recipe, margin_loss: nn.Module, partial_fc_v2: Callable[..., nn.Module]) -> nn.Module:
     """The run's margin head; a recipe that cannot run with its teacher or cache stops here, before training."""
     if method_name(cfg) is None:
         return partial_fc_v2(margin_loss, cfg.embedding_size, cfg.num_classes, cfg.sample_rate, False)

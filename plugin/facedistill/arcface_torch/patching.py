@@ -1,4 +1,4 @@
-"""Apply, revert and regenerate facedistill's patches to upstream arcface_torch, byte-exactly and all-or-nothing.
+"""Apply and revert facedistill's patches to upstream arcface_torch, byte-exactly and all-or-nothing.
 
 facedistill ships one unified diff per upstream file it changes (``patches/arcface_torch/<path, '/' as '__'>.diff``)
 plus ``manifest.json`` with the sha256 of every file before and after patching. The hashes, not the hunks, decide
@@ -13,24 +13,20 @@ Every operation reads every file first and writes nothing unless all of them can
 the originals restored if anything goes wrong. Files are handled as bytes, so CRLF line endings and a missing
 newline at end of file survive a patch/revert round trip unchanged.
 
-Maintainers regenerate the patch set from an edited copy of upstream with::
-
-    python -m facedistill.arcface_torch.patching make UPSTREAM_DIR PATCHED_DIR patches/arcface_torch FILE...
+Maintainers regenerate the patch set from an edited copy of upstream with ``facedistill arcface-torch
+make-patches`` (``facedistill.arcface_torch.make_patches``).
 """
 
 from __future__ import annotations
 
-import argparse
-import difflib
 import hashlib
 import importlib.resources
 import json
 import os
 import re
 import stat
-import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path, PurePosixPath
@@ -43,7 +39,6 @@ except ImportError:  # Python 3.10 has it only in importlib.abc
 UPSTREAM_NAME = "insightface recognition/arcface_torch"
 UPSTREAM_COMMIT = "0159b24d44cbc91abbd07b7a6fab0ba923a7fddf"
 MANIFEST_NAME = "manifest.json"
-CONTEXT_LINES = 3
 NO_NEWLINE_MARKER = b"\\ No newline at end of file"
 # The file whose presence identifies an arcface_torch folder (it is the script the patches exist for).
 MARKER_FILE = "train_v2.py"
@@ -183,7 +178,7 @@ class PatchSet:
         upstream = manifest.get("upstream", UPSTREAM_NAME)
         files: dict[str, FilePatch] = {}
         for raw_path, entry in manifest["files"].items():
-            path = _check_relative_path(raw_path)
+            path = check_relative_path(raw_path)
             if not isinstance(entry, dict):
                 raise PatchError(f"{MANIFEST_NAME} in {base}: entry for {path} must be an object")
             for key in ("upstream_sha256", "patched_sha256"):
@@ -246,52 +241,7 @@ def sha256_bytes(data: bytes) -> str:
 def diff_name_for(path: str) -> str:
     """The diff file of an upstream path: ``/`` replaced by ``__`` (``utils/utils_config.py`` ->
     ``utils__utils_config.py.diff``), so the patch folder stays flat and ships as plain package data."""
-    return _check_relative_path(path).replace("/", "__") + ".diff"
-
-
-def unified_diff(path: str, old: bytes, new: bytes, context: int = CONTEXT_LINES) -> bytes:
-    """A unified diff of one file as ``diff -u``/``git diff`` write it, byte-exact (CRLF, missing final newline).
-
-    ``difflib.unified_diff`` cannot be used directly: it has no ``\\ No newline at end of file`` marker, so a file
-    whose last line lacks a newline would produce a diff no tool (including ours) can apply.
-    """
-    old_lines, new_lines = split_lines(old), split_lines(new)
-    out = [f"--- a/{path}\n".encode(), f"+++ b/{path}\n".encode()]
-    matcher = difflib.SequenceMatcher(None, old_lines, new_lines, autojunk=False)
-    for group in matcher.get_grouped_opcodes(context):
-        first, last = group[0], group[-1]
-        old_range = _format_range(first[1], last[2])
-        new_range = _format_range(first[3], last[4])
-        out.append(f"@@ -{old_range} +{new_range} @@\n".encode())
-        for tag, i1, i2, j1, j2 in group:
-            if tag == "equal":
-                out += _diff_lines(b" ", old_lines[i1:i2])
-                continue
-            if tag in ("replace", "delete"):
-                out += _diff_lines(b"-", old_lines[i1:i2])
-            if tag in ("replace", "insert"):
-                out += _diff_lines(b"+", new_lines[j1:j2])
-    return b"".join(out)
-
-
-def _format_range(start: int, stop: int) -> str:
-    # Same convention as diff/difflib: "start,count" 1-based; count 1 omitted; an empty range names the line before.
-    length = stop - start
-    if length == 1:
-        return f"{start + 1}"
-    if length == 0:
-        return f"{start},0"
-    return f"{start + 1},{length}"
-
-
-def _diff_lines(prefix: bytes, lines: list[bytes]) -> list[bytes]:
-    out = []
-    for line in lines:
-        if line.endswith(b"\n"):
-            out.append(prefix + line)
-        else:
-            out.append(prefix + line + b"\n" + NO_NEWLINE_MARKER + b"\n")
-    return out
+    return check_relative_path(path).replace("/", "__") + ".diff"
 
 
 def parse_diff(data: bytes, expected_path: str, source: str = "<diff>") -> tuple[Hunk, ...]:
@@ -302,6 +252,19 @@ def parse_diff(data: bytes, expected_path: str, source: str = "<diff>") -> tuple
     diffs, since the manifest's model is "these existing upstream files, edited in place".
     """
     lines = split_lines(data)
+    i = _skip_file_header(lines, expected_path, source)
+    hunks: list[Hunk] = []
+    while i < len(lines):
+        hunk, i = _parse_hunk(lines, i, len(hunks) + 1, source)
+        _check_hunk_position(hunk, hunks, source)
+        hunks.append(hunk)
+    if not hunks:
+        raise PatchError(f"{source}: the diff of {expected_path} has no hunks")
+    return tuple(hunks)
+
+
+def _skip_file_header(lines: list[bytes], expected_path: str, source: str) -> int:
+    """The index of the first hunk header, after checking that the ``---``/``+++`` pair names ``expected_path``."""
     i = 0
     while i < len(lines) and not lines[i].startswith(b"--- "):
         for prefix, what in _UNSUPPORTED_HEADERS:
@@ -320,64 +283,57 @@ def parse_diff(data: bytes, expected_path: str, source: str = "<diff>") -> tuple
         raise PatchError(
             f"{source}: the diff is for {old_path!r} -> {new_path!r}, but the manifest lists it for {expected_path!r}"
         )
-    i += 2
-    hunks: list[Hunk] = []
-    old_end = 0
-    delta = 0
-    while i < len(lines):
+    return i + 2
+
+
+def _parse_hunk(lines: list[bytes], i: int, number: int, source: str) -> tuple[Hunk, int]:
+    """Hunk ``number`` starting at ``lines[i]`` (its ``@@`` header) and the index after it."""
+    match = _HUNK_HEADER.match(lines[i])
+    if match is None:
+        if lines[i].startswith(b"--- ") or lines[i].startswith(b"diff "):
+            raise PatchError(f"{source}: the diff changes more than one file; write one diff per file")
+        raise PatchError(f"{source}, line {i + 1}: expected a '@@' hunk header, found {_show(lines[i])}")
+    header = lines[i].rstrip(b"\r\n").decode("utf-8", "replace")
+    old_start, new_start = int(match[1]), int(match[3])
+    old_count = 1 if match[2] is None else int(match[2])
+    new_count = 1 if match[4] is None else int(match[4])
+    i += 1
+    body: list[tuple[str, bytes]] = []
+    old_seen = new_seen = 0
+    while old_seen < old_count or new_seen < new_count:
+        if i >= len(lines):
+            raise PatchError(f"{source}: hunk {number} ({header}) ends early: the diff is truncated")
         line = lines[i]
-        match = _HUNK_HEADER.match(line)
-        if match is None:
-            if line.startswith(b"--- ") or line.startswith(b"diff "):
-                raise PatchError(f"{source}: the diff changes more than one file; write one diff per file")
-            raise PatchError(f"{source}, line {i + 1}: expected a '@@' hunk header, found {_show(line)}")
-        number = len(hunks) + 1
-        header = line.rstrip(b"\r\n").decode("utf-8", "replace")
-        old_start, new_start = int(match[1]), int(match[3])
-        old_count = 1 if match[2] is None else int(match[2])
-        new_count = 1 if match[4] is None else int(match[4])
+        tag, content = line[:1].decode("latin-1"), line[1:]
+        if line in (b"\n", b"\r\n"):
+            tag, content = " ", line  # context "blank line" whose leading space an editor stripped
+        if tag not in (" ", "-", "+"):
+            raise PatchError(f"{source}, line {i + 1}: hunk {number} ({header}) has fewer lines than its header says")
+        body.append((tag, content))
+        old_seen += tag != "+"
+        new_seen += tag != "-"
         i += 1
-        body: list[tuple[str, bytes]] = []
-        old_seen = new_seen = 0
-        while old_seen < old_count or new_seen < new_count:
-            if i >= len(lines):
-                raise PatchError(f"{source}: hunk {number} ({header}) ends early: the diff is truncated")
-            line = lines[i]
-            tag = line[:1].decode("latin-1")
-            content = line[1:]
-            if line in (b"\n", b"\r\n"):
-                tag, content = " ", line  # context "blank line" whose leading space an editor stripped
-            if tag not in (" ", "-", "+"):
-                raise PatchError(
-                    f"{source}, line {i + 1}: hunk {number} ({header}) has fewer lines than its header says"
-                )
-            body.append((tag, content))
-            old_seen += tag != "+"
-            new_seen += tag != "-"
+        if i < len(lines) and lines[i].rstrip(b"\r\n") == NO_NEWLINE_MARKER:
+            if not content.endswith(b"\n"):
+                raise PatchError(f"{source}, line {i + 1}: misplaced '{NO_NEWLINE_MARKER.decode()}'")
+            body[-1] = (tag, content[:-1])
             i += 1
-            if i < len(lines) and lines[i].rstrip(b"\r\n") == NO_NEWLINE_MARKER:
-                if not content.endswith(b"\n"):
-                    raise PatchError(f"{source}, line {i + 1}: misplaced '{NO_NEWLINE_MARKER.decode()}'")
-                body[-1] = (tag, content[:-1])
-                i += 1
-        if old_seen != old_count or new_seen != new_count:
-            raise PatchError(f"{source}: hunk {number} ({header}) has more lines than its header says")
-        hunk = Hunk(number, header, old_start, old_count, new_start, new_count, tuple(body))
-        if hunk.old_index < old_end:
-            raise PatchError(f"{source}: hunk {number} ({header}) overlaps or precedes the hunk before it")
-        if hunk.new_index != hunk.old_index + delta:
-            raise PatchError(
-                f"{source}: hunk {number} ({header}): its '+' start does not match the lines added and removed "
-                "by the hunks before it"
-            )
-        if any(not line.endswith(b"\n") for line in hunk.old_lines[:-1] + hunk.new_lines[:-1]):
-            raise PatchError(f"{source}: hunk {number} ({header}): a line without newline must be the last line")
-        old_end = hunk.old_index + old_count
-        delta += new_count - old_count
-        hunks.append(hunk)
-    if not hunks:
-        raise PatchError(f"{source}: the diff of {expected_path} has no hunks")
-    return tuple(hunks)
+    if old_seen != old_count or new_seen != new_count:
+        raise PatchError(f"{source}: hunk {number} ({header}) has more lines than its header says")
+    return Hunk(number, header, old_start, old_count, new_start, new_count, tuple(body)), i
+
+
+def _check_hunk_position(hunk: Hunk, before: list[Hunk], source: str) -> None:
+    """Hunks in file order, not overlapping, their ``+`` starts shifted by exactly what the earlier ones changed."""
+    old_end = before[-1].old_index + before[-1].old_count if before else 0
+    delta = sum(h.new_count - h.old_count for h in before)
+    where = f"{source}: hunk {hunk.number} ({hunk.header})"
+    if hunk.old_index < old_end:
+        raise PatchError(f"{where} overlaps or precedes the hunk before it")
+    if hunk.new_index != hunk.old_index + delta:
+        raise PatchError(f"{where}: its '+' start does not match the lines added and removed by the hunks before it")
+    if any(not line.endswith(b"\n") for line in hunk.old_lines[:-1] + hunk.new_lines[:-1]):
+        raise PatchError(f"{where}: a line without newline must be the last line")
 
 
 def _header_path(raw: bytes, prefix: bytes) -> str:
@@ -477,7 +433,7 @@ def _file_in_root(root: Path, rel: str) -> Path:
     return root.joinpath(*PurePosixPath(rel).parts)
 
 
-def _read(root: Path, rel: str) -> bytes | None:
+def read_file(root: Path, rel: str) -> bytes | None:
     path = _file_in_root(root, rel)
     try:
         return path.read_bytes()
@@ -494,7 +450,7 @@ def status(root: str | os.PathLike[str], patch_set: PatchSet | None = None) -> d
     base = resolve_root(root)
     out: dict[str, FileState] = {}
     for rel, fp in patch_set.files.items():
-        data = _read(base, rel)
+        data = read_file(base, rel)
         if data is None:
             out[rel] = FileState.MISSING
         else:
@@ -532,7 +488,7 @@ def _transform(root: str | os.PathLike[str], patch_set: PatchSet, reverse: bool)
     pending: list[tuple[FilePatch, Path, bytes, bytes]] = []
     problems: list[str] = []
     for rel, fp in patch_set.files.items():
-        data = _read(base, rel)
+        data = read_file(base, rel)
         if data is None:
             problems.append(f"{rel}: missing ({_file_in_root(base, rel)} does not exist)")
             continue
@@ -637,72 +593,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-# --------------------------------------------------------------------------------------------- generating a set
-
-
-def make_patch_set(
-    upstream_dir: str | os.PathLike[str],
-    patched_dir: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    files: Iterable[str],
-    commit: str = UPSTREAM_COMMIT,
-) -> PatchSet:
-    """Write one ``.diff`` per file plus ``manifest.json`` into ``out_dir`` from an upstream tree and an edited copy.
-
-    Each diff is parsed back and applied to the upstream bytes before anything is written, so a set that does not
-    reproduce the edited copy byte-for-byte is never produced. Diffs named by an older manifest in ``out_dir`` but
-    no longer listed are removed (only those: ``out_dir`` may hold other files). Returns the set as loaded back.
-    """
-    upstream_root, patched_root, out = Path(upstream_dir), Path(patched_dir), Path(out_dir)
-    rels = [_check_relative_path(rel) for rel in files]
-    if not rels:
-        raise PatchError("make_patch_set: no files given")
-    names: dict[str, str] = {}
-    entries: dict[str, dict[str, str]] = {}
-    diffs: dict[str, bytes] = {}
-    for rel in sorted(set(rels)):
-        old = _read(upstream_root, rel)
-        new = _read(patched_root, rel)
-        if old is None:
-            raise PatchError(f"{rel}: not in the upstream tree {upstream_root} (only edits of existing files)")
-        if new is None:
-            raise PatchError(f"{rel}: not in the patched tree {patched_root} (deleting files is not supported)")
-        if old == new:
-            raise PatchError(f"{rel}: identical in {upstream_root} and {patched_root}; drop it from the file list")
-        name = diff_name_for(rel)
-        if name in names:
-            raise PatchError(f"{rel} and {names[name]} would both be written to {name}")
-        names[name] = rel
-        diff = unified_diff(rel, old, new)
-        check = FilePatch(rel, sha256_bytes(old), sha256_bytes(new), name, parse_diff(diff, rel, source=name))
-        if check.patch_bytes(old) != new or check.unpatch_bytes(new) != old:
-            raise PatchError(f"{rel}: the generated diff does not reproduce the file (a bug in the generator)")
-        diffs[name] = diff
-        entries[rel] = {"upstream_sha256": check.upstream_sha256, "patched_sha256": check.patched_sha256, "diff": name}
-    out.mkdir(parents=True, exist_ok=True)
-    stale = _previous_diffs(out) - set(diffs)
-    for name, diff in diffs.items():
-        (out / name).write_bytes(diff)
-    manifest = {"upstream": UPSTREAM_NAME, "commit": commit, "files": entries}
-    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    for name in stale:
-        (out / name).unlink(missing_ok=True)
-    return PatchSet.load(out)
-
-
-def _previous_diffs(out: Path) -> set[str]:
-    try:
-        manifest = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
-        return {
-            entry["diff"]
-            for entry in manifest["files"].values()
-            if isinstance(entry.get("diff"), str) and "/" not in entry["diff"] and entry["diff"].endswith(".diff")
-        }
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return set()
-
-
-def _check_relative_path(path: str) -> str:
+def check_relative_path(path: str) -> str:
     """A clean relative POSIX path inside the checkout; anything that could escape it is refused."""
     if not isinstance(path, str) or not path or "\\" in path or "\0" in path:
         raise PatchError(f"invalid file path {path!r}: use a relative path with '/' separators")
@@ -716,46 +607,3 @@ def _as_traversable(directory: str | os.PathLike[str] | Traversable) -> Traversa
     if isinstance(directory, (str, os.PathLike)):
         return Path(directory)
     return directory
-
-
-# ---------------------------------------------------------------------------------------------------------- CLI
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m facedistill.arcface_torch.patching make|apply|revert|status ...``; 1 and a message on refusal."""
-    parser = argparse.ArgumentParser(
-        prog="python -m facedistill.arcface_torch.patching", description=(__doc__ or "").split("\n")[0]
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    make = sub.add_parser("make", help="regenerate a patch set from an upstream tree and an edited copy")
-    make.add_argument("upstream", help="unmodified arcface_torch at the pinned commit")
-    make.add_argument("patched", help="the edited copy")
-    make.add_argument("out", help="patch folder to write (the repository's patches/arcface_torch)")
-    make.add_argument("files", nargs="+", help="paths relative to arcface_torch, e.g. utils/utils_config.py")
-    make.add_argument("--commit", default=UPSTREAM_COMMIT, help="upstream commit the set is pinned to")
-    for name, text in (("apply", "patch a checkout"), ("revert", "unpatch a checkout"), ("status", "show file states")):
-        cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("root", help="arcface_torch folder, or the insightface repository root")
-        cmd.add_argument("--patches", default=None, help="patch folder (default: the one shipped with facedistill)")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "make":
-            made = make_patch_set(args.upstream, args.patched, args.out, args.files, commit=args.commit)
-            for rel, fp in made.files.items():
-                print(f"{fp.diff}: {rel}, {len(fp.hunks)} hunk(s)")
-            print(f"wrote {Path(args.out) / MANIFEST_NAME}")
-            return 0
-        patch_set = PatchSet.load(args.patches)
-        if args.command == "status":
-            for rel, state in status(args.root, patch_set).items():
-                print(f"{rel}: {state.value}")
-            return 0
-        print(apply(args.root, patch_set) if args.command == "apply" else revert(args.root, patch_set))
-        return 0
-    except PatchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

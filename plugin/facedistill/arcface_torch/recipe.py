@@ -25,7 +25,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from facedistill.config import ConfigError, from_dict
 from facedistill.distill.context import CENTRE_SOURCES, TeacherKeys
@@ -47,6 +47,15 @@ PLUGIN_KEYS = (
 RECIPE_TEACHER_KEYS = TeacherKeys(centres="config.teacher_centres", subtract_mean="config.teacher_subtract_mean")
 
 
+class Recipe(Protocol):
+    """An arcface_torch recipe as the framework's ``get_config`` returns it: an easydict, whose keys are read as
+    attributes (``cfg.rec``) and, for the optional ones, with ``cfg.get(key)``."""
+
+    def get(self, key: str, default: Any = None) -> Any: ...
+
+    def __getattr__(self, name: str) -> Any: ...
+
+
 class RecipeError(ConfigError):
     """A recipe key or value that facedistill cannot run with; the message names the key."""
 
@@ -61,13 +70,13 @@ def served_methods() -> dict[str, type]:
     return {name: cls for name, cls in methods.items() if not cls.needs_identity_balanced_batches}
 
 
-def method_name(cfg: Any) -> str | None:
+def method_name(cfg: Recipe) -> str | None:
     """The facedistill method the recipe selects, or None for the framework's own loss."""
     loss = cfg.get("loss")
     return None if loss in (None, FRAMEWORK_LOSS) else loss
 
 
-def method_params(cfg: Any) -> tuple[type, Any]:
+def recipe_method(cfg: Recipe) -> tuple[type, Any]:
     """The selected method's class and validated hyper-parameters (``config.loss_params`` over its defaults)."""
     name = method_name(cfg)
     methods = served_methods()
@@ -88,7 +97,7 @@ def method_params(cfg: Any) -> tuple[type, Any]:
         # The framework's own PartialFC key samples the method's frozen centres the same way.
         params["sample_rate"] = float(cfg.get("sample_rate", 1.0))
     try:
-        return methods[name], from_dict(methods[name].Params, params, prefix="config.loss_params")
+        return methods[name], from_dict(methods[name].Params, params, prefix="config.loss_params", item_keys=True)
     except (ConfigError, ValueError, TypeError) as error:
         raise RecipeError(str(error)) from None
 
@@ -97,11 +106,11 @@ def method_params(cfg: Any) -> tuple[type, Any]:
 CACHE_COMMAND = "facedistill arcface-torch cache-teacher CONFIG"
 
 
-def teacher_cache_dir(cfg: Any) -> Path:
+def teacher_cache_dir(cfg: Recipe) -> Path:
     return Path(cfg.get("teacher_cache") or os.path.join(str(cfg.rec), "teacher_cache"))
 
 
-def validate(cfg: Any) -> Any:
+def validate(cfg: Recipe) -> Any:
     """Check facedistill's keys of a loaded recipe; raise ``RecipeError`` naming the key. Returns ``cfg``."""
     name = method_name(cfg)
     if name is None:
@@ -111,7 +120,7 @@ def validate(cfg: Any) -> Any:
         return cfg
     if not isinstance(name, str):
         raise RecipeError(f"config.loss must be a method name, got {name!r}")
-    method_cls, _ = method_params(cfg)
+    method_cls, _ = recipe_method(cfg)
     if method_cls.needs_teacher and not cfg.get("teacher"):
         raise RecipeError(
             f"config.loss = {name!r} distils a teacher: set config.teacher to an arcface_torch run directory, "
@@ -138,7 +147,7 @@ def validate(cfg: Any) -> Any:
     return cfg
 
 
-def cpu_fp16_warning(cfg: Any) -> str | None:
+def cpu_fp16_warning(cfg: Recipe) -> str | None:
     """The one-line warning for ``config.fp16 = True`` without CUDA, else None.
 
     On a CPU torch turns the framework's GradScaler off and runs float16 autocast by emulation: the run works,
@@ -153,7 +162,7 @@ def cpu_fp16_warning(cfg: Any) -> str | None:
     )
 
 
-def check_config(cfg: Any) -> Any:
+def check_config(cfg: Recipe) -> Any:
     """``validate`` for the framework's ``get_config``: a bad recipe raises ``RecipeError`` (one line from rank 0
     under the patched ``train_v2.py``, see ``refusals``), and so does a val target that cannot be scored; a
     recipe that runs but slowly for a known reason, or a val target that does not exist, is said once (rank 0)."""
@@ -167,7 +176,7 @@ def check_config(cfg: Any) -> Any:
     return cfg
 
 
-def val_target_paths(cfg: Any) -> tuple[list[Path], list[Path]]:
+def val_target_paths(cfg: Recipe) -> tuple[list[Path], list[Path]]:
     """The ``.bin`` files of ``config.val_targets`` in ``config.rec`` as the framework finds them: (existing,
     missing); upstream skips the missing ones without a word."""
     paths = [Path(str(cfg.rec)) / f"{name}.bin" for name in cfg.get("val_targets") or []]

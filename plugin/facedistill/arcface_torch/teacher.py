@@ -10,12 +10,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from facedistill.arcface_torch.recipe import NETWORKS, RecipeError
-from facedistill.models.iresnet import _strip_module_prefix, infer_backbone
+from facedistill.arcface_torch.recipe import NETWORKS, Recipe, RecipeError
+from facedistill.models.iresnet import infer_backbone, strip_module_prefix
 from facedistill.teachers import Teacher, create_teacher, make_teacher_id, sha256_file
 from facedistill.teachers.torch_teacher import ARCFACE_PREPROCESSING
 
@@ -23,7 +22,7 @@ from facedistill.teachers.torch_teacher import ARCFACE_PREPROCESSING
 FRAMEWORK_NAMES = {backbone: name for name, backbone in NETWORKS.items()}
 
 
-def _run_files(cfg: Any) -> tuple[Path, list[Path]]:
+def _run_files(cfg: Recipe) -> tuple[Path, list[Path]]:
     run = Path(str(cfg.teacher))
     weights = run / "model.pt" if run.is_dir() else run
     if not weights.is_file():
@@ -35,7 +34,7 @@ def _run_files(cfg: Any) -> tuple[Path, list[Path]]:
     return weights, shards
 
 
-def run_network(cfg: Any) -> tuple[str, int]:
+def run_network(cfg: Recipe) -> tuple[str, int]:
     """(arcface_torch network name, embedding size) of the teacher run's ``model.pt``, read from its keys and
     shapes; a ``config.teacher_network`` that names another network is refused, saying which one it is."""
     weights, _ = _run_files(cfg)
@@ -47,7 +46,7 @@ def run_network(cfg: Any) -> tuple[str, int]:
         ) from None
     if isinstance(state, dict) and "state_dict_backbone" in state:
         state = state["state_dict_backbone"]
-    inferred = infer_backbone(_strip_module_prefix(state)) if isinstance(state, dict) else None
+    inferred = infer_backbone(strip_module_prefix(state)) if isinstance(state, dict) else None
     given = cfg.get("teacher_network")
     name = FRAMEWORK_NAMES.get(inferred[0]) if inferred is not None and not inferred[2] else None
     if name is None:
@@ -63,11 +62,11 @@ def run_network(cfg: Any) -> tuple[str, int]:
     return name, inferred[1]
 
 
-def _is_run(cfg: Any) -> bool:
+def _is_run(cfg: Recipe) -> bool:
     return cfg.teacher != "sface" and Path(str(cfg.teacher)).suffix.lower() != ".onnx"
 
 
-def create_recipe_teacher(cfg: Any, device: str = "cpu") -> Teacher:
+def create_recipe_teacher(cfg: Recipe, device: str = "cpu") -> Teacher:
     """The recipe's teacher, ready to embed uint8 RGB faces. A run's head shards are not merged here: at millions
     of identities every training rank reads only its own block of them (``teacher_head_shards``)."""
     if not _is_run(cfg):
@@ -77,13 +76,13 @@ def create_recipe_teacher(cfg: Any, device: str = "cpu") -> Teacher:
     return create_teacher(str(weights), arch=NETWORKS[network], embedding_size=embedding_size, device=device)
 
 
-def teacher_head_shards(cfg: Any) -> list[Path]:
+def teacher_head_shards(cfg: Recipe) -> list[Path]:
     """The PartialFC head files of the recipe's teacher run (empty for ONNX teachers and runs saved without
     ``save_all_states``)."""
     return _run_files(cfg)[1] if _is_run(cfg) else []
 
 
-def recipe_teacher_id(cfg: Any) -> str:
+def recipe_teacher_id(cfg: Recipe) -> str:
     """The id a cache built with the recipe's teacher carries, computed without building a large backbone."""
     if not _is_run(cfg):
         return create_recipe_teacher(cfg).teacher_id

@@ -518,14 +518,7 @@ def align_folder(
     images, ignored = list_images(src)
     if not images:
         raise ValueError(f"{src} holds no images; expected src/<identity>/<image> (one folder per identity)")
-    outputs: dict[str, str] = {}
-    clashes: list[str] = []
-    for rel in images:
-        first = outputs.setdefault(output_name(rel), rel)
-        if first != rel:
-            clashes.append(f"{first} and {rel}")
-    if clashes:
-        raise ValueError(f"these images would both be written to the same .jpg: {'; '.join(clashes[:5])}")
+    _refuse_clashes(images)
     if ignored:
         log.warning("ignoring %d files in %s that are not images by suffix, e.g. %s", len(ignored), src, ignored[0])
 
@@ -563,6 +556,22 @@ def align_folder(
         seconds=seconds,
         ignored_paths=ignored,
     )
+    return _count_statuses(report, ordered)
+
+
+def _refuse_clashes(images: list[str]) -> None:
+    """Two images whose outputs would be the same ``.jpg`` (``a.png`` and ``a.jpg`` of one identity) are refused."""
+    outputs: dict[str, str] = {}
+    clashes: list[str] = []
+    for rel in images:
+        first = outputs.setdefault(output_name(rel), rel)
+        if first != rel:
+            clashes.append(f"{first} and {rel}")
+    if clashes:
+        raise ValueError(f"these images would both be written to the same .jpg: {'; '.join(clashes[:5])}")
+
+
+def _count_statuses(report: AlignReport, ordered: list[ReportRow]) -> AlignReport:
     for row in ordered:
         if row.status is AlignStatus.aligned:
             report.aligned += 1

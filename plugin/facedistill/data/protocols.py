@@ -332,24 +332,7 @@ def read_ijb(
     prefix = name.lower()
 
     media_file = meta / f"{prefix}_face_tid_mid.txt"
-    names: list[str] = []
-    templates: list[int] = []
-    medias: list[int] = []
-    for lineno, line in _lines(media_file):
-        fields = line.split()
-        try:
-            if len(fields) != 3:
-                raise ValueError
-            templates.append(int(fields[1]))
-            medias.append(int(fields[2]))
-        except ValueError:
-            raise PairsFormatError(
-                f"{media_file}:{lineno}: expected '<image name> <template id> <media id>', got {line!r}"
-            ) from None
-        names.append(fields[0])
-    if not names:
-        raise PairsFormatError(f"{media_file}: file is empty")
-    template_array = np.asarray(templates, dtype=np.int64)
+    names, template_array, media_array = _read_ijb_media(media_file)
     known = np.unique(template_array)
 
     pair_file = meta / f"{prefix}_template_pair_label.txt"
@@ -370,33 +353,7 @@ def read_ijb(
     landmarks: np.ndarray | None = None
     score_file = meta / f"{prefix}_name_5pts_score.txt"
     if score_file.is_file():
-        rows = _lines(score_file)
-        if len(rows) != len(names):
-            raise PairsFormatError(
-                f"{score_file}: {len(rows)} images, but {media_file.name} lists {len(names)}; insightface pairs "
-                f"the two files row by row, so they must list the same images in the same order"
-            )
-        scores = np.empty(len(rows), dtype=np.float32)
-        landmarks = np.empty((len(rows), 10), dtype=np.float32)
-        for k, (lineno, line) in enumerate(rows):
-            fields = line.split()
-            try:
-                if len(fields) != 12:
-                    raise ValueError
-                values = [float(v) for v in fields[1:]]
-            except ValueError:
-                raise PairsFormatError(
-                    f"{score_file}:{lineno}: expected '<image name> <10 landmark coordinates> <detector score>', "
-                    f"got {line!r}"
-                ) from None
-            if fields[0] != names[k]:
-                raise PairsFormatError(
-                    f"{score_file}:{lineno}: image {fields[0]!r}, but row {k + 1} of {media_file.name} is "
-                    f"{names[k]!r}; both files must list the same images in the same order"
-                )
-            landmarks[k] = values[:10]
-            scores[k] = values[10]
-        landmarks = landmarks.reshape(-1, 5, 2)
+        scores, landmarks = _read_ijb_landmarks(score_file, names, media_file.name)
 
     image_dir = Path(aligned_dir) if aligned_dir is not None else data_root / "loose_crop"
     images = [str(image_dir / n) for n in names]
@@ -405,7 +362,7 @@ def read_ijb(
     return IJBProtocol(
         images=images,
         templates=template_array,
-        medias=np.asarray(medias, dtype=np.int64),
+        medias=media_array,
         pairs_t1=table[:, 0],
         pairs_t2=table[:, 1],
         labels=table[:, 2].astype(bool),
@@ -413,6 +370,60 @@ def read_ijb(
         landmarks=landmarks,
         name=name,
     )
+
+
+def _read_ijb_media(media_file: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``<name>_face_tid_mid.txt``: image names, their template ids and media ids."""
+    names: list[str] = []
+    templates: list[int] = []
+    medias: list[int] = []
+    for lineno, line in _lines(media_file):
+        fields = line.split()
+        try:
+            if len(fields) != 3:
+                raise ValueError
+            templates.append(int(fields[1]))
+            medias.append(int(fields[2]))
+        except ValueError:
+            raise PairsFormatError(
+                f"{media_file}:{lineno}: expected '<image name> <template id> <media id>', got {line!r}"
+            ) from None
+        names.append(fields[0])
+    if not names:
+        raise PairsFormatError(f"{media_file}: file is empty")
+    return names, np.asarray(templates, dtype=np.int64), np.asarray(medias, dtype=np.int64)
+
+
+def _read_ijb_landmarks(score_file: Path, names: list[str], media_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``<name>_name_5pts_score.txt``: detector scores [N] and 5-point landmarks [N, 5, 2], row by row with the
+    media file's images (insightface pairs the two files by row)."""
+    rows = _lines(score_file)
+    if len(rows) != len(names):
+        raise PairsFormatError(
+            f"{score_file}: {len(rows)} images, but {media_name} lists {len(names)}; insightface pairs "
+            f"the two files row by row, so they must list the same images in the same order"
+        )
+    scores = np.empty(len(rows), dtype=np.float32)
+    landmarks = np.empty((len(rows), 10), dtype=np.float32)
+    for k, (lineno, line) in enumerate(rows):
+        fields = line.split()
+        try:
+            if len(fields) != 12:
+                raise ValueError
+            values = [float(v) for v in fields[1:]]
+        except ValueError:
+            raise PairsFormatError(
+                f"{score_file}:{lineno}: expected '<image name> <10 landmark coordinates> <detector score>', "
+                f"got {line!r}"
+            ) from None
+        if fields[0] != names[k]:
+            raise PairsFormatError(
+                f"{score_file}:{lineno}: image {fields[0]!r}, but row {k + 1} of {media_name} is "
+                f"{names[k]!r}; both files must list the same images in the same order"
+            )
+        landmarks[k] = values[:10]
+        scores[k] = values[10]
+    return scores, landmarks.reshape(-1, 5, 2)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -249,6 +249,32 @@ def _is_header_word(text: str) -> bool:
     return False
 
 
+def _tsv_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """(line number, tab-separated fields) of every pair line: blank lines, ``#`` comments and a header skipped."""
+    rows: list[tuple[int, list[str]]] = []
+    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.rstrip("\r\n")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = [f.strip() for f in line.split("\t")]
+        if not rows and len(fields) >= 3 and _is_header_word(fields[2]):
+            continue
+        rows.append((lineno, fields))
+    if not rows:
+        raise PairsFormatError(f"{path}: no pairs found")
+    return rows
+
+
+def _fold_number(text: str, where: str) -> int:
+    try:
+        fold = int(text)
+    except ValueError:
+        fold = -1
+    if fold < 0:
+        raise PairsFormatError(f"{where}: fold must be a non-negative integer, got {text!r}")
+    return fold
+
+
 def read_pairs_tsv(
     path: str | os.PathLike[str],
     image_root: str | os.PathLike[str] | None = None,
@@ -265,17 +291,7 @@ def read_pairs_tsv(
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
-    rows: list[tuple[int, list[str]]] = []
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        line = raw.rstrip("\r\n")
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        fields = [f.strip() for f in line.split("\t")]
-        if not rows and len(fields) >= 3 and _is_header_word(fields[2]):
-            continue
-        rows.append((lineno, fields))
-    if not rows:
-        raise PairsFormatError(f"{path}: no pairs found")
+    rows = _tsv_rows(path)
     width = len(rows[0][1])
     left: list[str] = []
     right: list[str] = []
@@ -293,15 +309,7 @@ def read_pairs_tsv(
         if not fields[0] or not fields[1]:
             raise PairsFormatError(f"{path}:{lineno}: empty image path")
         if width == 4:
-            try:
-                fold = int(fields[3])
-                if fold < 0:
-                    raise ValueError
-            except ValueError:
-                raise PairsFormatError(
-                    f"{path}:{lineno}: fold must be a non-negative integer, got {fields[3]!r}"
-                ) from None
-            given_folds.append(fold)
+            given_folds.append(_fold_number(fields[3], f"{path}:{lineno}"))
         left.append(str(root / fields[0]))
         right.append(str(root / fields[1]))
         issame.append(label in _TRUE)

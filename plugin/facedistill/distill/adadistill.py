@@ -46,8 +46,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from facedistill.distill.arcdistill import check_margin_loss, loss_name, margin_head
-from facedistill.distill.base import DistillMethod, MethodContext, register_method
+from facedistill.distill.arcdistill import loss_name
+from facedistill.distill.base import DistillMethod, MethodContext, margin_head, register_method
+from facedistill.distill.checks import check_margin_loss
 
 ALPHA_MIN = 1e-6
 
@@ -149,4 +150,4 @@ class AdaDistill(DistillMethod):
         assert teacher is not None
         if self.training:
             update_centres(self.head.weight, embeddings.detach(), teacher, labels, self.params.weighted_alpha)
-        return {loss_name(self.params.variant): F.cross_entropy(self.head(embeddings, labels), labels)}
+        return {loss_name(self.params.variant): self.head(embeddings, labels)["margin"]}

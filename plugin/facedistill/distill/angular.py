@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from facedistill.distill.arcdistill import check_margin_loss, check_positive, margin_head
-from facedistill.distill.base import DistillMethod, MethodContext, margin_cross_entropy, register_method
+from facedistill.distill.base import DistillMethod, MethodContext, margin_head, register_method
+from facedistill.distill.checks import check_margin_loss, check_positive
 from facedistill.distill.embedding import embedding_distance
 
 
@@ -51,6 +51,6 @@ class AngularDistillation(DistillMethod):
     ) -> dict[str, torch.Tensor]:
         assert teacher is not None
         return {
-            "arcface": margin_cross_entropy(self.head, embeddings, labels),
+            "arcface": self.head(embeddings, labels)["margin"],
             "angular": self.params.alpha * embedding_distance(embeddings, teacher, "cosine").mean(),
         }

@@ -17,56 +17,13 @@ centres or learnable ones) and the validation of its hyper-parameters.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from facedistill.config import ConfigError
-from facedistill.distill.base import (
-    DistillMethod,
-    MethodContext,
-    build_margin_head,
-    margin_cross_entropy,
-    register_method,
-)
-from facedistill.heads import MarginHead
-from facedistill.heads.sharded import ShardedMarginHead
-
-DEFAULT_MARGINS = {"arc": 0.5, "cos": 0.35}
-
-
-def check_margin_loss(scale: float, margin: float | None) -> None:
-    """Clear errors for the hard-label loss hyper-parameters every method shares."""
-    if scale <= 0:
-        raise ConfigError(f"method.scale must be > 0, got {scale}")
-    if margin is not None and not 0.0 <= margin < math.pi:
-        raise ConfigError(f"method.margin must be in [0, pi), got {margin}")
-
-
-def check_positive(key: str, value: float, allow_zero: bool = True) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"method.{key} must be {bound}, got {value}")
-
-
-def margin_head(
-    context: MethodContext,
-    scale: float,
-    margin: float | None,
-    head: Literal["frozen", "learnable"] = "frozen",
-    variant: Literal["arc", "cos"] = "arc",
-) -> MarginHead | ShardedMarginHead:
-    """ArcFace (``arc``) or CosFace (``cos``) head; ``frozen`` uses the teacher's centres, ``learnable`` starts
-    from small random centres like the ArcFace baseline."""
-    margin = DEFAULT_MARGINS[variant] if margin is None else margin
-    m2, m3 = (margin, 0.0) if variant == "arc" else (0.0, margin)
-    if head == "frozen":
-        if context.centres is None:
-            raise ValueError("method.head=frozen needs the teacher's class centres (set teacher.cache)")
-        return build_margin_head(context, scale, 1.0, m2, m3, learnable=False, centres=context.centres)
-    return build_margin_head(context, scale, 1.0, m2, m3)
+from facedistill.distill.base import DistillMethod, MethodContext, margin_head, register_method
+from facedistill.distill.checks import check_margin_loss
 
 
 def loss_name(variant: Literal["arc", "cos"]) -> str:
@@ -97,4 +54,4 @@ class ArcDistill(DistillMethod):
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
-        return {loss_name(self.params.variant): margin_cross_entropy(self.head, embeddings, labels)}
+        return {loss_name(self.params.variant): self.head(embeddings, labels)["margin"]}

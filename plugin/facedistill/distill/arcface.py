@@ -26,7 +26,6 @@ from facedistill.distill.base import (
     DistillMethod,
     MethodContext,
     build_margin_head,
-    margin_cross_entropy,
     register_method,
 )
 
@@ -55,4 +54,4 @@ class ArcFace(DistillMethod):
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
-        return {"arcface": margin_cross_entropy(self.head, embeddings, labels)}
+        return {"arcface": self.head(embeddings, labels)["margin"]}

@@ -9,10 +9,9 @@ Hyper-parameters are a dataclass per method, validated like the rest of the conf
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from facedistill.config import ConfigError, from_dict
@@ -46,7 +45,7 @@ class DistillMethod(nn.Module):
     needs_teacher: ClassVar[bool] = True
     # Pair-based losses (triplet, EKD) need several images per identity in a batch: data.sampler=identity_balanced.
     needs_identity_balanced_batches: ClassVar[bool] = False
-    # Its head is used only through ``margin_cross_entropy`` (never its logits or weights), so with several
+    # Its head is used only through its loss terms (never its logits or weights), so with several
     # processes it may be a ShardedMarginHead; methods that read the full logits or move the centres keep a full,
     # frozen head on every rank.
     shards_head: ClassVar[bool] = False
@@ -113,16 +112,26 @@ def build_margin_head(
     )
 
 
-def margin_cross_entropy(
-    head: MarginHead | ShardedMarginHead,
-    embeddings: torch.Tensor,
-    labels: torch.Tensor,
-    margin: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Mean margin cross-entropy of the batch (of the global batch for a sharded head, which returns the loss)."""
-    if isinstance(head, ShardedMarginHead):
-        return head(embeddings, labels, margin)
-    return F.cross_entropy(head(embeddings, labels, margin), labels)
+# ArcFace's and CosFace's usual margins.
+DEFAULT_MARGINS = {"arc": 0.5, "cos": 0.35}
+
+
+def margin_head(
+    context: MethodContext,
+    scale: float,
+    margin: float | None,
+    head: Literal["frozen", "learnable"] = "frozen",
+    variant: Literal["arc", "cos"] = "arc",
+) -> MarginHead | ShardedMarginHead:
+    """ArcFace (``arc``) or CosFace (``cos``) head; ``frozen`` uses the teacher's centres, ``learnable`` starts
+    from small random centres like the ArcFace baseline."""
+    margin = DEFAULT_MARGINS[variant] if margin is None else margin
+    m2, m3 = (margin, 0.0) if variant == "arc" else (0.0, margin)
+    if head == "frozen":
+        if context.centres is None:
+            raise ValueError("method.head=frozen needs the teacher's class centres (set teacher.cache)")
+        return build_margin_head(context, scale, 1.0, m2, m3, learnable=False, centres=context.centres)
+    return build_margin_head(context, scale, 1.0, m2, m3)
 
 
 METHODS = Registry[type[DistillMethod]]("method")

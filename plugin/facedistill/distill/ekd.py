@@ -43,9 +43,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from facedistill.config import ConfigError
-from facedistill.distill.arcdistill import check_margin_loss, check_positive, margin_head
-from facedistill.distill.base import DistillMethod, MethodContext, margin_cross_entropy, register_method
+from facedistill.config import ParamError
+from facedistill.distill.base import DistillMethod, MethodContext, margin_head, register_method
+from facedistill.distill.checks import check_margin_loss, check_positive, check_unit_interval
 
 # Guards floor(f * n) against f * n landing just below an integer in floating point (e.g. 0.1 * 30).
 _FLOOR_SLACK = 1e-9
@@ -93,12 +93,11 @@ class EKDParams:
     def __post_init__(self) -> None:
         check_margin_loss(self.scale, self.margin)
         if not self.fprs or not all(0.0 < fpr < 1.0 for fpr in self.fprs):
-            raise ConfigError(f"method.fprs must be a non-empty list of rates in (0, 1), got {self.fprs}")
-        if not 0.0 < self.momentum <= 1.0:
-            raise ConfigError(f"method.momentum must be in (0, 1], got {self.momentum}")
+            raise ParamError("fprs", f"must be a non-empty list of rates in (0, 1), got {self.fprs}")
+        check_unit_interval("momentum", self.momentum)
         check_positive("temperature", self.temperature, allow_zero=False)
         if self.topk < 1:
-            raise ConfigError(f"method.topk must be >= 1, got {self.topk}")
+            raise ParamError("topk", f"must be >= 1, got {self.topk}")
         check_positive("positive_weight", self.positive_weight)
         check_positive("negative_weight", self.negative_weight)
 
@@ -165,7 +164,7 @@ class EKD(DistillMethod):
             student_neg[hardest], teacher_neg[hardest], student_tau, teacher_tau, p.temperature
         )
         return {
-            "arcface": margin_cross_entropy(self.head, embeddings, labels),
+            "arcface": self.head(embeddings, labels)["margin"],
             "ekd_positive": p.positive_weight * positive_loss,
             "ekd_negative": p.negative_weight * negative_loss,
         }

@@ -23,8 +23,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from facedistill.distill.arcdistill import check_margin_loss, check_positive, margin_head
-from facedistill.distill.base import DistillMethod, MethodContext, margin_cross_entropy, register_method
+from facedistill.distill.base import DistillMethod, MethodContext, margin_head, register_method
+from facedistill.distill.checks import check_margin_loss, check_positive
 
 
 def embedding_distance(student: torch.Tensor, teacher: torch.Tensor, kind: Literal["l2", "cosine"]) -> torch.Tensor:
@@ -65,6 +65,6 @@ class EmbeddingDistillation(DistillMethod):
         assert teacher is not None
         distance = embedding_distance(embeddings, teacher, self.params.loss).mean()
         return {
-            "arcface": margin_cross_entropy(self.head, embeddings, labels),
+            "arcface": self.head(embeddings, labels)["margin"],
             "embedding": self.params.weight * distance,
         }

@@ -28,9 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from facedistill.config import ConfigError
-from facedistill.distill.arcdistill import check_margin_loss, check_positive, margin_head
-from facedistill.distill.base import DistillMethod, MethodContext, register_method
+from facedistill.distill.base import DistillMethod, MethodContext, margin_head, register_method
+from facedistill.distill.checks import check_margin_loss, check_positive, check_unit_interval
 
 # Masks logits out of a group: exp(-1e9 - x) is exactly 0 in float32 for any cosine logit, yet it stays finite, so
 # an empty group gives finite values and gradients where a -inf would give NaN.
@@ -90,8 +89,7 @@ class GKDParams:
     def __post_init__(self) -> None:
         check_margin_loss(self.scale, self.margin)
         check_positive("temperature", self.temperature, allow_zero=False)
-        if not 0.0 < self.threshold <= 1.0:
-            raise ConfigError(f"method.threshold must be in (0, 1], got {self.threshold}")
+        check_unit_interval("threshold", self.threshold)
         for key in ("kd_weight", "binary_weight", "primary_weight", "warmup_epochs"):
             check_positive(key, getattr(self, key))
 
@@ -124,7 +122,7 @@ class GKD(DistillMethod):
         )
         weight = p.kd_weight * self.warmup_factor() * p.temperature**2
         return {
-            "arcface": F.cross_entropy(self.head(embeddings, labels), labels),
+            "arcface": self.head(embeddings, labels)["margin"],
             "gkd_binary": weight * p.binary_weight * terms["binary"].mean(),
             "gkd_primary": weight * p.primary_weight * terms["primary"].mean(),
         }

@@ -18,26 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from facedistill.distill.arcdistill import check_margin_loss, check_positive, margin_head
-from facedistill.distill.base import DistillMethod, MethodContext, register_method
-from facedistill.heads import MarginHead
+from facedistill.distill.base import DistillMethod, MethodContext, margin_head, register_method
+from facedistill.distill.checks import check_margin_loss, check_positive
+from facedistill.heads.margin import soft_kd
 
-
-def soft_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T^2 * mean_i KL(softmax(t_i / T) || softmax(s_i / T))``."""
-    teacher_log_probs = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
-    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=1)
-    kl = F.kl_div(student_log_probs, teacher_log_probs, reduction="batchmean", log_target=True)
-    return kl * temperature**2
-
-
-def centre_kd(
-    head: MarginHead, embeddings: torch.Tensor, teacher: torch.Tensor, scale: float, temperature: float
-) -> torch.Tensor:
-    """``soft_kd`` of the student's and the teacher's scaled cosines to the head's (frozen) class centres."""
-    return soft_kd(scale * head.cosine(embeddings), scale * head.cosine(teacher), temperature)
+__all__ = ["KD", "KDParams", "soft_kd"]
 
 
 @dataclass
@@ -66,8 +52,5 @@ class KD(DistillMethod):
         self, embeddings: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         assert teacher is not None
-        kd = centre_kd(self.head, embeddings, teacher, self.params.scale, self.params.temperature)
-        return {
-            "arcface": F.cross_entropy(self.head(embeddings, labels), labels),
-            "kd": self.params.kd_weight * kd,
-        }
+        terms = self.head(embeddings, labels, teacher=teacher, temperature=self.params.temperature)
+        return {"arcface": terms["margin"], "kd": self.params.kd_weight * terms["kd"]}

@@ -61,18 +61,15 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from facedistill.config import ConfigError
-from facedistill.distill.arcdistill import check_margin_loss, check_positive
+from facedistill.config import ParamError
 from facedistill.distill.base import (
     DistillMethod,
     MethodContext,
-    margin_cross_entropy,
     register_method,
 )
+from facedistill.distill.checks import check_margin_loss, check_positive, check_unit_interval
 from facedistill.distill.embedding import embedding_distance
-from facedistill.distill.kd import centre_kd
 from facedistill.heads import MarginHead
 from facedistill.heads.partial_fc import FrozenPartialFC
 from facedistill.heads.sharded import group_rank_and_size, shard_tensor
@@ -122,7 +119,7 @@ class MarginDistillationParams:
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
-            raise ConfigError(f"method.preset: {self.preset!r} is not one of {', '.join(map(repr, PRESETS))}")
+            raise ParamError("preset", f": {self.preset!r} is not one of {', '.join(map(repr, PRESETS))}")
         for key, value in PRESETS[self.preset].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -130,10 +127,9 @@ class MarginDistillationParams:
         check_positive("kd_weight", self.kd_weight)
         check_positive("temperature", self.temperature, allow_zero=False)
         check_margin_loss(self.scale, None)
-        if not 0.0 < self.sample_rate <= 1.0:
-            raise ConfigError(f"method.sample_rate must be in (0, 1], got {self.sample_rate}")
+        check_unit_interval("sample_rate", self.sample_rate)
         if not 0.0 <= self.m_min <= self.m_max:
-            raise ConfigError(f"method: need 0 <= m_min <= m_max, got m_min={self.m_min}, m_max={self.m_max}")
+            raise ParamError("m_min", f"must satisfy 0 <= m_min <= m_max, got m_min={self.m_min}, m_max={self.m_max}")
 
 
 def per_sample_margins(
@@ -214,16 +210,12 @@ class MarginDistillation(DistillMethod):
 
     def margins(self, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         normaliser = self.dataset_max
-        if isinstance(self.head, FrozenPartialFC):
-            # This rank holds only some centres; "batch" means the global batch, as on one process, and
+        typicality = self.head.true_class_cosine(teacher, labels)
+        if self.params.normaliser == "batch" and self.head.distributed:
+            # A rank holds only some centres; "batch" means the global batch, as on one process, and
             # "local_batch" this process's share of it, as the official code takes it per GPU.
-            typicality = self.head.true_class_cosine(teacher, labels)
-            if self.params.normaliser == "batch" and self.head.distributed:
-                normaliser = typicality.max()
-                dist.all_reduce(normaliser, op=dist.ReduceOp.MAX, group=self.head.group)
-        else:
-            centres = self.head.weight[labels]
-            typicality = (F.normalize(teacher.float(), dim=1) * centres).sum(dim=1)
+            normaliser = typicality.max()
+            dist.all_reduce(normaliser, op=dist.ReduceOp.MAX, group=self.head.group)
         return per_sample_margins(
             typicality,
             self.params.m_min,
@@ -238,16 +230,10 @@ class MarginDistillation(DistillMethod):
     ) -> dict[str, torch.Tensor]:
         assert teacher is not None
         margin = self.margins(teacher, labels)
-        kd: torch.Tensor | None = None
-        if isinstance(self.head, FrozenPartialFC):
-            with_kd = teacher if self.params.kd_weight > 0 else None
-            terms = self.head(embeddings, labels, margin, with_kd, self.params.temperature)
-            losses = {"margin_arcface": terms["margin"]}
-            kd = terms.get("kd")
-        else:
-            losses = {"margin_arcface": margin_cross_entropy(self.head, embeddings, labels, margin)}
-            if self.params.kd_weight > 0:
-                kd = centre_kd(self.head, embeddings, teacher, self.params.scale, self.params.temperature)
+        with_kd = teacher if self.params.kd_weight > 0 else None
+        terms = self.head(embeddings, labels, margin, with_kd, self.params.temperature)
+        losses = {"margin_arcface": terms["margin"]}
+        kd = terms.get("kd")
         if self.params.embedding_weight > 0:
             distance = embedding_distance(embeddings, teacher, "cosine").mean()
             losses["embedding"] = self.params.embedding_weight * distance

@@ -26,8 +26,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from facedistill.distill.arcdistill import check_margin_loss, check_positive, margin_head
-from facedistill.distill.base import DistillMethod, MethodContext, margin_cross_entropy, register_method
+from facedistill.distill.base import DistillMethod, MethodContext, margin_head, register_method
+from facedistill.distill.checks import check_margin_loss, check_positive
 
 PDIST_EPS = 1e-12
 
@@ -97,7 +97,7 @@ class RKD(DistillMethod):
         if self.params.normalize:
             student, target = F.normalize(student, dim=1), F.normalize(target, dim=1)
         return {
-            "arcface": margin_cross_entropy(self.head, embeddings, labels),
+            "arcface": self.head(embeddings, labels)["margin"],
             "rkd_distance": self.params.distance_weight * rkd_distance(student, target),
             "rkd_angle": self.params.angle_weight * rkd_angle(student, target),
         }

@@ -38,9 +38,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from facedistill.config import ConfigError
-from facedistill.distill.arcdistill import check_margin_loss, check_positive, margin_head
-from facedistill.distill.base import DistillMethod, MethodContext, margin_cross_entropy, register_method
+from facedistill.config import ParamError
+from facedistill.distill.base import DistillMethod, MethodContext, margin_head, register_method
+from facedistill.distill.checks import check_margin_loss, check_positive
 from facedistill.heads.margin import COS_EPS
 
 
@@ -118,7 +118,7 @@ class TripletParams:
         check_positive("triplet_weight", self.triplet_weight)
         check_positive("arcface_weight", self.arcface_weight)
         if not 0.0 <= self.m_min <= self.m_max:
-            raise ConfigError(f"method: need 0 <= m_min <= m_max, got m_min={self.m_min}, m_max={self.m_max}")
+            raise ParamError("m_min", f"must satisfy 0 <= m_min <= m_max, got m_min={self.m_min}, m_max={self.m_max}")
 
 
 @register_method
@@ -142,5 +142,5 @@ class TripletDistillation(DistillMethod):
             * triplet_distillation(embeddings, teacher, labels, p.m_min, p.m_max, p.distance, p.mining)
         }
         if p.arcface_weight > 0:
-            terms["arcface"] = p.arcface_weight * margin_cross_entropy(self.head, embeddings, labels)
+            terms["arcface"] = p.arcface_weight * self.head(embeddings, labels)["margin"]
         return terms

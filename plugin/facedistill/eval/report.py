@@ -250,33 +250,48 @@ def write_run_report(run_dir: str | os.PathLike[str], sample_identities: int = 1
     model_section = config.get("model") or {}
     method = (config.get("method") or {}).get("name", "?")
     data_section = config.get("data") or {}
-
-    lines = [f"# Run report: {run.resolve().name}", ""]
-    lines.append(
+    lines = [
+        f"# Run report: {run.resolve().name}",
+        "",
         f"Student `{model_section.get('name', '?')}` (embedding {model_section.get('embedding_size', '?')}), "
-        f"method `{method}`, training set `{data_section.get('train', '?')}`."
-    )
-    lines.append("")
+        f"method `{method}`, training set `{data_section.get('train', '?')}`.",
+        "",
+    ]
+    lines += _run_section(results)
+    lines += _tests_section(results, config, notes)
+    lines += _model_section(run, results, config, notes)
+    lines += _curves_section(run, notes)
+    lines += _roc_section(run)
+    lines += _samples_section(run, config, sample_identities, notes)
+    if notes:
+        lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
+    out = run / REPORT
+    text = "\n".join(lines)
+    _atomic_write(out, lambda handle: handle.write(text.encode()))
+    return out
 
-    # Summary of the run.
-    if results:
-        facts = [
-            ("steps", results.get("steps")),
-            ("epochs", f"{results['epochs']:.2f}" if isinstance(results.get("epochs"), (int, float)) else None),
-            ("training time (s)", f"{results['train_seconds']:.0f}" if results.get("train_seconds") else None),
-            ("wall time (s)", f"{results['wall_seconds']:.0f}" if results.get("wall_seconds") else None),
-            ("train images/s", f"{results['images_per_second']:.1f}" if results.get("images_per_second") else None),
-            ("reported model", results.get("selected")),
-            ("teacher", results.get("teacher_id")),
-            ("class centres", results.get("centres")),
-            ("skipped images", results.get("skipped_images") or None),
-        ]
-        lines += ["## Run", "", "| | |", "|---|---|"]
-        lines += [f"| {name} | {value} |" for name, value in facts if value not in (None, "")]
-        lines.append("")
 
-    # Test results.
-    lines += ["## Test results", ""]
+def _run_section(results: dict[str, Any]) -> list[str]:
+    if not results:
+        return []
+    facts = [
+        ("steps", results.get("steps")),
+        ("epochs", f"{results['epochs']:.2f}" if isinstance(results.get("epochs"), (int, float)) else None),
+        ("training time (s)", f"{results['train_seconds']:.0f}" if results.get("train_seconds") else None),
+        ("wall time (s)", f"{results['wall_seconds']:.0f}" if results.get("wall_seconds") else None),
+        ("train images/s", f"{results['images_per_second']:.1f}" if results.get("images_per_second") else None),
+        ("reported model", results.get("selected")),
+        ("teacher", results.get("teacher_id")),
+        ("class centres", results.get("centres")),
+        ("skipped images", results.get("skipped_images") or None),
+    ]
+    lines = ["## Run", "", "| | |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in facts if value not in (None, "")]
+    return [*lines, ""]
+
+
+def _tests_section(results: dict[str, Any], config: dict[str, Any], notes: list[str]) -> list[str]:
+    lines = ["## Test results", ""]
     tests = results.get("tests") or {}
     if tests:
         try:
@@ -296,11 +311,12 @@ def write_run_report(run_dir: str | os.PathLike[str], sample_identities: int = 1
             f"Last validation (step {validation.get('step', '?')}): "
             f"{_pct(validation['accuracy'])} +- {_pct(validation.get('std', math.nan))} %."
         )
-    lines.append("")
+    return [*lines, ""]
 
-    # Model size.
+
+def _model_section(run: Path, results: dict[str, Any], config: dict[str, Any], notes: list[str]) -> list[str]:
     profile = _model_profile(results, config, notes)
-    lines += ["## Model", ""]
+    lines = ["## Model", ""]
     if profile.get("params"):
         lines.append(
             f"Params {_count(profile.get('params'))}, MACs {_count(profile.get('macs'))} per 112x112 image "
@@ -312,10 +328,11 @@ def write_run_report(run_dir: str | os.PathLike[str], sample_identities: int = 1
     if exports:
         lines.append("")
         lines += [f"- `{name}`: {path.stat().st_size / 1e6:.2f} MB" for name, path in exports]
-    lines.append("")
+    return [*lines, ""]
 
-    # Training curves.
-    lines += ["## Training curves", ""]
+
+def _curves_section(run: Path, notes: list[str]) -> list[str]:
+    lines = ["## Training curves", ""]
     train_csv, val_csv = run / "train.csv", run / "val.csv"
     train_log = _read_csv(train_csv) if train_csv.is_file() else {}
     val_log = _read_csv(val_csv) if val_csv.is_file() else None
@@ -324,38 +341,40 @@ def write_run_report(run_dir: str | os.PathLike[str], sample_identities: int = 1
         notes.append("`val.csv` has no accuracy rows.")
     if not train_csv.is_file():
         notes.append("`train.csv` not found: no training curves.")
-        lines.append("_no training log_")
-    elif "step" not in train_log:
+        return [*lines, "_no training log_", ""]
+    if "step" not in train_log:
         notes.append("`train.csv` has no rows yet: no training curves.")
-        lines.append("_no training log rows_")
-    else:
-        _plot_curves(train_log, val_log, run / CURVES_PNG)
-        lines.append(f"![training curves]({CURVES_PNG})")
-        if "loss" in train_log:
-            lines.append("")
-            lines.append(
-                f"Loss {train_log['loss'][0]:.4f} at step {int(train_log['step'][0])} -> "
-                f"{train_log['loss'][-1]:.4f} at step {int(train_log['step'][-1])}."
-            )
-        if val_log is not None:
-            best = int(np.nanargmax(val_log["accuracy"]))
-            lines.append("")
-            lines.append(
-                f"Best validation accuracy {_pct(val_log['accuracy'][best])} % at step {int(val_log['step'][best])}."
-            )
-    lines.append("")
+        return [*lines, "_no training log rows_", ""]
+    _plot_curves(train_log, val_log, run / CURVES_PNG)
+    lines.append(f"![training curves]({CURVES_PNG})")
+    if "loss" in train_log:
+        lines.append("")
+        lines.append(
+            f"Loss {train_log['loss'][0]:.4f} at step {int(train_log['step'][0])} -> "
+            f"{train_log['loss'][-1]:.4f} at step {int(train_log['step'][-1])}."
+        )
+    if val_log is not None:
+        best = int(np.nanargmax(val_log["accuracy"]))
+        lines.append("")
+        lines.append(
+            f"Best validation accuracy {_pct(val_log['accuracy'][best])} % at step {int(val_log['step'][best])}."
+        )
+    return [*lines, ""]
 
-    # ROC curves.
-    lines += ["## ROC curves", ""]
+
+def _roc_section(run: Path) -> list[str]:
+    lines = ["## ROC curves", ""]
     rocs = sorted(run.glob("roc_*.png"))
-    if rocs:
-        for png in rocs:
-            lines += [f"![{png.stem}]({png.name})", ""]
-    else:
-        lines += ["_no ROC plots in the run directory_", ""]
+    if not rocs:
+        return [*lines, "_no ROC plots in the run directory_", ""]
+    for png in rocs:
+        lines += [f"![{png.stem}]({png.name})", ""]
+    return lines
 
-    # Training samples.
-    lines += ["## Training samples", ""]
+
+def _samples_section(run: Path, config: dict[str, Any], sample_identities: int, notes: list[str]) -> list[str]:
+    lines = ["## Training samples", ""]
+    data_section = config.get("data") or {}
     train_path = data_section.get("train")
     if not train_path:
         lines.append("_no training set in config.yaml_")
@@ -377,12 +396,4 @@ def write_run_report(run_dir: str | os.PathLike[str], sample_identities: int = 1
         except (ValueError, OSError) as error:
             lines.append("_training samples could not be read_")
             notes.append(f"sample grid not drawn: {error}")
-    lines.append("")
-
-    if notes:
-        lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
-
-    out = run / REPORT
-    text = "\n".join(lines)
-    _atomic_write(out, lambda handle: handle.write(text.encode()))
-    return out
+    return [*lines, ""]

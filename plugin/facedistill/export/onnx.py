@@ -205,53 +205,15 @@ def export_onnx(
     dummy = torch.rand(_TRACE_BATCH, 3, h, w, generator=gen) * 2 - 1
     embedding_size = int(_embed(net, dummy).shape[1])
 
-    meta: dict[str, str] = {
-        f"{_META_PREFIX}input": f"float32 NCHW RGB {h}x{w}, (x-127.5)/127.5",
-        f"{_META_PREFIX}output": "raw embedding, not L2-normalised",
-        f"{_META_PREFIX}input_name": INPUT_NAME,
-        f"{_META_PREFIX}output_name": OUTPUT_NAME,
-        f"{_META_PREFIX}embedding_size": str(embedding_size),
-        f"{_META_PREFIX}model": type(_unwrap(model)).__name__,
-        f"{_META_PREFIX}version": __version__,
-    }
-    for k, v in (metadata or {}).items():
-        if not isinstance(k, str):
-            raise TypeError(f"metadata keys must be str, got {k!r}")
-        meta[k] = str(v)
+    meta = _metadata(model, h, w, embedding_size, metadata)
 
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Same folder so the final rename is atomic; not mkstemp, whose 0600 mode would survive the rename.
     tmp = str(out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp"))
     try:
-        how = _resolve_exporter(exporter)
-        try:
-            _torch_export(net, dummy, tmp, opset, how)
-        except Exception as err:
-            if exporter != "auto" or how != "dynamo":
-                raise
-            warnings.warn(
-                f"dynamo ONNX export failed ({type(err).__name__}: {err}); retrying with TorchScript",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            how = "torchscript"
-            _torch_export(net, dummy, tmp, opset, how)
-
-        proto = onnx.load(tmp)
-        kept = [p for p in proto.metadata_props if p.key not in meta]
-        del proto.metadata_props[:]
-        proto.metadata_props.extend(kept)
-        for k, v in meta.items():
-            proto.metadata_props.add(key=k, value=v)
-        onnx.checker.check_model(proto, full_check=True)
-        actual_opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=opset)
-        if actual_opset < MIN_OPSET:
-            raise RuntimeError(f"exporter produced opset {actual_opset} < {MIN_OPSET}")
-        batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
-        if not batch_dim.dim_param:
-            raise RuntimeError("exported input has a fixed batch dimension; expected a dynamic one")
-        onnx.save(proto, tmp)
+        how = _export_with_fallback(net, dummy, tmp, opset, exporter)
+        actual_opset = _annotate_and_check(tmp, meta, opset)
 
         diff: float | None = None
         if verify:
@@ -271,3 +233,59 @@ def export_onnx(
         exporter=how,
         metadata=meta,
     )
+
+
+def _metadata(model: nn.Module, h: int, w: int, embedding_size: int, extra: Mapping[str, str] | None) -> dict[str, str]:
+    """The ``metadata_props`` of an export: facedistill's convention, then ``extra`` (which may override it)."""
+    meta: dict[str, str] = {
+        f"{_META_PREFIX}input": f"float32 NCHW RGB {h}x{w}, (x-127.5)/127.5",
+        f"{_META_PREFIX}output": "raw embedding, not L2-normalised",
+        f"{_META_PREFIX}input_name": INPUT_NAME,
+        f"{_META_PREFIX}output_name": OUTPUT_NAME,
+        f"{_META_PREFIX}embedding_size": str(embedding_size),
+        f"{_META_PREFIX}model": type(_unwrap(model)).__name__,
+        f"{_META_PREFIX}version": __version__,
+    }
+    for k, v in (extra or {}).items():
+        if not isinstance(k, str):
+            raise TypeError(f"metadata keys must be str, got {k!r}")
+        meta[k] = str(v)
+    return meta
+
+
+def _export_with_fallback(net: nn.Module, dummy: torch.Tensor, path: str, opset: int, exporter: Exporter) -> str:
+    """Export with the chosen exporter; ``auto`` retries with TorchScript when dynamo fails. Returns the one used."""
+    how = _resolve_exporter(exporter)
+    try:
+        _torch_export(net, dummy, path, opset, how)
+    except Exception as err:
+        if exporter != "auto" or how != "dynamo":
+            raise
+        warnings.warn(
+            f"dynamo ONNX export failed ({type(err).__name__}: {err}); retrying with TorchScript",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        how = "torchscript"
+        _torch_export(net, dummy, path, opset, how)
+    return how
+
+
+def _annotate_and_check(path: str, meta: Mapping[str, str], opset: int) -> int:
+    """Write ``meta`` into the exported file's ``metadata_props``, check the graph fully (opset, a dynamic batch)
+    and return its opset."""
+    proto = onnx.load(path)
+    kept = [p for p in proto.metadata_props if p.key not in meta]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    onnx.checker.check_model(proto, full_check=True)
+    actual_opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=opset)
+    if actual_opset < MIN_OPSET:
+        raise RuntimeError(f"exporter produced opset {actual_opset} < {MIN_OPSET}")
+    batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    if not batch_dim.dim_param:
+        raise RuntimeError("exported input has a fixed batch dimension; expected a dynamic one")
+    onnx.save(proto, path)
+    return int(actual_opset)

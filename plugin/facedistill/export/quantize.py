@@ -266,24 +266,30 @@ def quantize_dynamic_int8(
         if verify:
             record["cosine_vs_fp32_random_min"] = round(_min_cosine(src, quant, convention), 6)
 
-        proto = onnx.load(str(quant))
-        # The quantiser keeps most metadata, but copying explicitly does not depend on that, and drops whatever
-        # it may have added under our prefix.
-        kept = [p for p in proto.metadata_props if p.key not in source_meta and not p.key.startswith("facedistill.")]
-        del proto.metadata_props[:]
-        proto.metadata_props.extend(kept)
-        for key, value in source_meta.items():
-            proto.metadata_props.add(key=key, value=value)
-        proto.metadata_props.add(key=QUANTIZATION_KEY, value=json.dumps(record, sort_keys=True))
-        onnx.checker.check_model(proto)
-        tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            onnx.save(proto, str(tmp))
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        _write_quantized(quant, out, source_meta, record)
     return out
+
+
+def _write_quantized(quant: Path, out: Path, source_meta: dict[str, str], record: dict[str, Any]) -> None:
+    """``quant`` with the source's facedistill metadata and the quantisation record, checked, written atomically
+    to ``out``."""
+    proto = onnx.load(str(quant))
+    # The quantiser keeps most metadata, but copying explicitly does not depend on that, and drops whatever it may
+    # have added under our prefix.
+    kept = [p for p in proto.metadata_props if p.key not in source_meta and not p.key.startswith("facedistill.")]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in source_meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.metadata_props.add(key=QUANTIZATION_KEY, value=json.dumps(record, sort_keys=True))
+    onnx.checker.check_model(proto)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def onnx_embedder(

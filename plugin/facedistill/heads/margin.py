@@ -58,6 +58,15 @@ def margin_target_logit(
     return torch.where(angle <= math.pi, with_margin, beyond)
 
 
+def soft_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al. (arXiv 1503.02531): ``T^2 * mean_i KL(softmax(t_i / T) || softmax(s_i / T))``; the ``T^2``
+    keeps the soft term's gradient comparable across temperatures."""
+    teacher_log_probs = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
+    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=1)
+    kl = F.kl_div(student_log_probs, teacher_log_probs, reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
 def check_margins(m1: float, m2: float, m3: float, target_form: str = "continue") -> None:
     """The one check of a head's combined margin (every margin head calls it)."""
     if m1 < 1.0 or m2 < 0.0 or m3 < 0.0:
@@ -112,7 +121,35 @@ class MarginHead(nn.Module):
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             return F.linear(F.normalize(embeddings.float(), dim=1), F.normalize(self.weight.float(), dim=1))
 
+    @property
+    def distributed(self) -> bool:
+        """One process holds every centre (the sharded heads answer True when they span several ranks)."""
+        return False
+
+    @torch.no_grad()
+    def true_class_cosine(self, vectors: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``cos(vectors_i, W_{labels_i})``: MarginDistillation's typicality of the teacher embeddings."""
+        weight = F.normalize(self.weight.float(), dim=1) if self.learnable else self.weight
+        return (F.normalize(vectors.float(), dim=1) * weight[labels]).sum(dim=1)
+
     def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        margin: torch.Tensor | None = None,
+        teacher: torch.Tensor | None = None,
+        temperature: float = 4.0,
+    ) -> dict[str, torch.Tensor]:
+        """The head's loss terms, as every head returns them: ``margin``, the mean margin cross-entropy of the
+        batch (``margin`` [B] replaces ``m2`` per sample), and with ``teacher`` embeddings ``kd``, Hinton's
+        distillation over these centres (:func:`soft_kd` of both networks' scaled cosines)."""
+        terms = {"margin": F.cross_entropy(self.logits(embeddings, labels, margin), labels)}
+        if teacher is not None:
+            student, target = self.scale * self.cosine(embeddings), self.scale * self.cosine(teacher)
+            terms["kd"] = soft_kd(student, target, temperature)
+        return terms
+
+    def logits(
         self, embeddings: torch.Tensor, labels: torch.Tensor, margin: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Scaled logits [B, C]; ``margin`` (shape [B]) replaces ``m2`` per sample when given."""

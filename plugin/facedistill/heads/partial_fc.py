@@ -28,7 +28,7 @@ Losses (B = global batch, S = this step's sampled classes over all ranks, z_ij =
 ``kd`` is MarginDistillation's angle term (``kd_weight``): the teacher's and the student's angles to the same
 sampled, sharded centres matched as soft logits. Maxima and sums run over ranks (all-reduce), so neither loss ever
 needs a full head on one rank. With one process and ``sample_rate=1`` both equal ``MarginHead`` + cross-entropy
-and ``facedistill.distill.kd.centre_kd``.
+and ``MarginHead``'s ``kd`` term.
 """
 
 from __future__ import annotations

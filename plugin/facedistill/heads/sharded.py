@@ -364,10 +364,24 @@ class ShardedMarginHead(nn.Module):
         return F.normalize(self.weight.float(), dim=1)
 
     def forward(
-        self, embeddings: torch.Tensor, labels: torch.Tensor, margin: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Mean margin cross-entropy over the global batch; ``margin`` [B_local] replaces ``m2`` per sample (all
-        ranks pass one or none)."""
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        margin: torch.Tensor | None = None,
+        teacher: torch.Tensor | None = None,
+        temperature: float = 4.0,
+    ) -> dict[str, torch.Tensor]:
+        """The head's loss terms, as every head returns them: ``margin``, the mean margin cross-entropy over the
+        global batch (``margin`` [B_local] replaces ``m2`` per sample; all ranks pass one or none). Its centres are
+        learnt, not a teacher's, so it has no ``kd`` term (``FrozenPartialFC`` distils over sharded centres)."""
+        if teacher is not None:
+            raise ValueError(
+                "ShardedMarginHead learns its own centres: it has no teacher centres to distil over (temperature "
+                f"{temperature}); use FrozenPartialFC"
+            )
+        return {"margin": self._margin_loss(embeddings, labels, margin)}
+
+    def _margin_loss(self, embeddings: torch.Tensor, labels: torch.Tensor, margin: torch.Tensor | None) -> torch.Tensor:
         if not self.distributed:
             return self._single_process_loss(embeddings, labels, margin)
         grad_scale = float(self.world_size) if self.undo_ddp_average else 1.0
@@ -388,7 +402,7 @@ class ShardedMarginHead(nn.Module):
     def _single_process_loss(
         self, embeddings: torch.Tensor, labels: torch.Tensor, margin: torch.Tensor | None
     ) -> torch.Tensor:
-        # Op for op what MarginHead.forward + F.cross_entropy do, so world size 1 gives identical numbers.
+        # Op for op what MarginHead.forward does, so world size 1 gives identical numbers.
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             cos = F.linear(F.normalize(embeddings.float(), dim=1), self._normalised_weight())
         true_cos = cos.gather(1, labels[:, None]).squeeze(1)

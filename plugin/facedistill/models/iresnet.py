@@ -34,6 +34,8 @@ __all__ = [
     "iresnet50",
     "iresnet100",
     "load_arcface_torch_checkpoint",
+    "load_strictly",
+    "strip_module_prefix",
 ]
 
 # Blocks per stage, as in the iresnetNN functions of arcface_torch's iresnet.py.
@@ -200,7 +202,7 @@ _LAYER_KEY = re.compile(r"^layer([1-4])\.(\d+)\.")
 _MAX_LISTED = 12
 
 
-def _strip_module_prefix(state: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+def strip_module_prefix(state: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
     # DistributedDataParallel / DataParallel wrappers save every key under "module.".
     if state and all(key.startswith("module.") for key in state):
         return OrderedDict((key[len("module.") :], value) for key, value in state.items())
@@ -251,9 +253,9 @@ def describe_checkpoint_architecture(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def _listing(title: str, items: Sequence[str]) -> str:
-    shown = "\n".join(f"    {item}" for item in items[:_MAX_LISTED])
-    more = f"\n    ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
-    return f"  {title} ({len(items)}):\n{shown}{more}"
+    """One line of a mismatch report: the count and the first ``_MAX_LISTED`` items."""
+    more = f", ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+    return f"  {title} ({len(items)}): {', '.join(items[:_MAX_LISTED])}{more}"
 
 
 def load_arcface_torch_checkpoint(
@@ -275,8 +277,14 @@ def load_arcface_torch_checkpoint(
         loaded = loaded["state_dict_backbone"]
     if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise CheckpointMismatchError(f"{os.fspath(path)} does not hold a state_dict of tensors")
-    state = _strip_module_prefix(loaded)
+    state = strip_module_prefix(loaded)
+    load_strictly(model, state, os.fspath(path))
+    return model
 
+
+def load_strictly(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """``model.load_state_dict(state)``, or a ``CheckpointMismatchError`` listing the missing and unexpected keys
+    and the shape mismatches, with a guess of the network ``source`` (a file name, for the message) holds."""
     expected = model.state_dict()
     # BatchNorm fills in a missing num_batches_tracked itself (checkpoints from old PyTorch lack it).
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
@@ -287,7 +295,7 @@ def load_arcface_torch_checkpoint(
         if k in state and state[k].shape != v.shape
     ]
     if missing or unexpected or mismatched:
-        parts = [f"checkpoint {os.fspath(path)} does not match {type(model).__name__}:"]
+        parts = [f"checkpoint {source} does not match {type(model).__name__}:"]
         if missing:
             parts.append(_listing("missing keys", missing))
         if unexpected:
@@ -297,5 +305,4 @@ def load_arcface_torch_checkpoint(
         guess = describe_checkpoint_architecture(state)
         parts.append(f"  the checkpoint looks like {guess}; build that model.")
         raise CheckpointMismatchError("\n".join(parts))
-    model.load_state_dict(state, strict=True)
-    return model
+    model.load_state_dict(state, strict=False)

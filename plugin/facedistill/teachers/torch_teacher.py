@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from facedistill.models.iresnet import load_strictly, strip_module_prefix
 from facedistill.teachers.base import (
     TEACHERS,
     Preprocessing,
@@ -60,13 +61,6 @@ def _load(path: Path) -> Any:
             f"{path} cannot be read with torch.load(weights_only=True) (it pickles Python objects, not just "
             f"tensors), and teacher files are never unpickled unsafely: {exc}"
         ) from None
-
-
-def _strip_module_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # DistributedDataParallel saves every key under "module.".
-    if state and all(key.startswith("module.") for key in state):
-        return {key[len("module.") :]: value for key, value in state.items()}
-    return dict(state)
 
 
 def _is_state_dict(obj: object) -> bool:
@@ -232,7 +226,7 @@ class TorchTeacher(Teacher):
                 f"{self.checkpoint_path} is neither a state_dict (arcface_torch backbone.pth) nor a "
                 "facedistill checkpoint with a 'model' entry"
             )
-        state = _strip_module_prefix(state)
+        state = strip_module_prefix(state)
         kwargs.update(model_kwargs or {})
 
         if model is None:
@@ -247,7 +241,7 @@ class TorchTeacher(Teacher):
             from facedistill.models import create_model
 
             model = create_model(arch, embedding_size=embedding_size, **kwargs)
-        _load_strict(model, state, self.checkpoint_path)
+        load_strictly(model, state, str(self.checkpoint_path))
         self.model = model.to(self.device).eval()
         self.arch = arch or type(model).__name__.lower()
         self.embedding_size = embedding_size or self._probe_embedding_size()
@@ -290,23 +284,3 @@ class TorchTeacher(Teacher):
 
     def class_centres(self) -> torch.Tensor | None:
         return self._centres
-
-
-def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: Path) -> None:
-    expected = model.state_dict()
-    # Checkpoints from old PyTorch lack num_batches_tracked; BatchNorm does not need it at inference.
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k}: checkpoint {list(state[k].shape)} vs model {list(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        details = "".join(
-            f"\n  {title} ({len(items)}): " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else "")
-            for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
-            if items
-        )
-        raise ValueError(f"{source.name} does not fit {type(model).__name__}:{details}")
-    model.load_state_dict(state, strict=False)

@@ -36,7 +36,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     (``last.pt``/``best.pt``) or an arcface_torch ``model.pt`` (a bare backbone state_dict, whose network is
     recognised from its keys and shapes; its config then names only the model and ``method: arcface_torch``)."""
     from facedistill.models import create_model
-    from facedistill.models.iresnet import _strip_module_prefix, describe_checkpoint_architecture, infer_backbone
+    from facedistill.models.iresnet import describe_checkpoint_architecture, infer_backbone, strip_module_prefix
 
     state = load_checkpoint(path, device)
     if "model" in state and "config" in state:
@@ -45,7 +45,7 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         model = create_model(model_section["name"], embedding_size=model_section["embedding_size"])
         weights = state["model"]
     elif state and all(isinstance(value, torch.Tensor) for value in state.values()):
-        weights = _strip_module_prefix(state)
+        weights = strip_module_prefix(state)
         inferred = infer_backbone(weights)
         if inferred is None:
             raise ValueError(

@@ -188,43 +188,75 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> RunSum
     validate_config(config)
     env, device = init_distributed(resolve_device(config.run.device))
     try:
-        return _train(config, resume, progress, env, device)
+        run = set_up(config, env, device)
+        # Rank 0 decides, so that no rank resumes while another starts afresh.
+        if env.broadcast_flag(resume and env.is_main and (run.run_dir / LAST).exists(), device):
+            restore(run)
+        start(run, progress)
+        while run.step < run.total_steps:
+            train_epoch(run)
+        return finish(run, progress)
     finally:
         env.close()
 
 
-def _train(config: Config, resume: bool, progress: bool, env: Distributed, device: torch.device) -> RunSummary:
+@dataclass
+class Run:
+    """One training run's state: made by ``set_up``, advanced an epoch at a time by ``train_epoch``, closed by
+    ``finish``. Every rank holds one; only rank 0 logs, validates and writes."""
+
+    config: Config
+    env: Distributed
+    device: torch.device
+    started: float
+    dataset: FaceDataset
+    steps_per_epoch: int
+    total_steps: int
+    balanced: IdentityBalancedSampler | None
+    cache: TeacherCache | None
+    teacher_offset: torch.Tensor | None
+    teacher_info: dict[str, Any]
+    val_set: Any
+    model: torch.nn.Module
+    synced_batchnorm: bool
+    method: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    train_step: TrainStep | None = None
+    logger: RunLogger | None = None
+    bar: tqdm | None = None
+    step: int = 0
+    best_val: float = -1.0
+    skipped: int = 0
+    validation: dict[str, float] = field(default_factory=dict)
+    train_seconds: float = 0.0
+    trained_images: int = 0
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.run.output_dir)
+
+    @property
+    def rank_batch(self) -> int:
+        """Every rank draws the same global batch of data.batch_size images and trains on its contiguous share."""
+        return local_batch_size(self.config.data.batch_size, self.env.world_size)
+
+    @property
+    def val_every(self) -> int:
+        return max(1, int(round(self.config.train.val_every_epochs * self.steps_per_epoch)))
+
+
+def set_up(config: Config, env: Distributed, device: torch.device) -> Run:
+    """Run directory, data, teacher side, validation pairs, student, method, optimiser, schedule and scaler."""
     started = time.perf_counter()
     run_dir = Path(config.run.output_dir)
     if env.is_main:
         check_output_dir(run_dir)
         save_config(config, run_dir / "config.yaml")
-    amp_dtype = resolve_amp(config.train.amp, device)
     seed_everything(config.run.seed)
-
-    # Data, teacher cache and the method's context.
-    dataset = open_training_set(
-        config.data.train,
-        config.data.skip_bad_images,
-        config.data.decoded_cache,
-        exclude=read_identity_list(config.data.exclude_identities) if config.data.exclude_identities else None,
-    )
-    batch_size = config.data.batch_size
-    # Every rank draws the same global batch of batch_size images and trains on its contiguous share of it.
-    rank_batch = local_batch_size(batch_size, env.world_size)
-    steps_per_epoch = len(dataset) // batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{config.data.train}: {len(dataset)} images are fewer than one batch of {batch_size}")
-    total_steps = config.train.max_steps or math.ceil(config.train.epochs * steps_per_epoch)
-    balanced = None
-    if config.data.sampler == "identity_balanced":
-        balanced = IdentityBalancedSampler(dataset.labels, batch_size, config.data.images_per_identity, config.run.seed)
-        if rank_batch % config.data.images_per_identity:
-            raise ValueError(
-                f"each of the {env.world_size} processes takes {rank_batch} images of a batch, not a multiple of "
-                f"data.images_per_identity={config.data.images_per_identity}: an identity's images would be split "
-                "between processes; change data.batch_size"
-            )
+    dataset, steps_per_epoch, total_steps, balanced = open_data(config, env)
     context, cache, teacher_offset, teacher_info = prepare_method_context(
         config, dataset, steps_per_epoch, env.world_size
     )
@@ -234,221 +266,271 @@ def _train(config: Config, resume: bool, progress: bool, env: Distributed, devic
 
         val_set = load_pairs_set(config.data.val_pairs, config.data.val_images, name="val")
 
-    # Student, method (with its head), optimiser, schedule, mixed precision. Seeded again here because preparing
-    # the data may have drawn from the global generator (a DataLoader building a cache draws its base seed), and
-    # the initial weights must not depend on whether a cache was built in this run.
+    # Seeded again because preparing the data may have drawn from the global generator (a DataLoader building a
+    # cache draws its base seed), and the initial weights must not depend on whether a cache was built in this run.
     seed_everything(config.run.seed)
     model = create_model(config.model.name, embedding_size=config.model.embedding_size).to(device)
     memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    model, synced_batchnorm = wrap_backbone(model, env, device, config.train.sync_batchnorm)
+    model, synced_batchnorm = wrap_backbone(
+        model.to(memory_format=memory_format), env, device, config.train.sync_batchnorm
+    )
     method = create_method(config.method, context).to(device)
-    heads = sharded_heads(method)
     if env.enabled:
         check_replicated_parameters(method, config.method["name"])
     optimizer = build_optimizer([model, method], config.optim)
-    scheduler = build_scheduler(optimizer, total_steps, steps_per_epoch, config.schedule)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     if env.is_main:
         # A checkpoint holds the weights plus up to two optimiser moments per weight; keep room for two of them.
         weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         check_output_dir(run_dir, needed_bytes=2 * 3 * (weight_bytes + checkpointed_bytes(method)))
+    amp_dtype = resolve_amp(config.train.amp, device)
+    return Run(
+        config, env, device, started, dataset, steps_per_epoch, total_steps, balanced, cache, teacher_offset,
+        teacher_info, val_set, model, synced_batchnorm, method, optimizer,
+        build_scheduler(optimizer, total_steps, steps_per_epoch, config.schedule),
+        torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), amp_dtype,
+    )  # fmt: skip
 
-    step, best_val, skipped = 0, -1.0, 0
-    # Rank 0 decides, so that no rank resumes while another starts afresh.
-    if env.broadcast_flag(resume and env.is_main and (run_dir / LAST).exists(), device):
-        # Whole tensors on the CPU first: each rank keeps only its shard of the head on its device.
-        state = load_checkpoint(run_dir / LAST, "cpu" if env.enabled else device)
-        method_state, optimizer_state = shard_training_state(method, optimizer, state["method"], state["optimizer"])
-        model.load_state_dict(state["model"])
-        method.load_state_dict(method_state)
-        optimizer.load_state_dict(optimizer_state)
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, best_val, skipped = state["step"], state["best_val"], state["skipped"]
-        torch.set_rng_state(state["rng"])
-    # After loading: DDP starts every rank from rank 0's weights, which are then the checkpoint's.
-    wrapped = ddp(model, device) if env.enabled else model
-    forward = torch.compile(wrapped) if config.train.compile else wrapped
-    train_step = TrainStep.from_config(
+
+def open_data(config: Config, env: Distributed) -> tuple[FaceDataset, int, int, IdentityBalancedSampler | None]:
+    """The training set, its steps per epoch, the run's total steps and (``data.sampler``) the balanced sampler."""
+    dataset = open_training_set(
+        config.data.train,
+        config.data.skip_bad_images,
+        config.data.decoded_cache,
+        exclude=read_identity_list(config.data.exclude_identities) if config.data.exclude_identities else None,
+    )
+    batch_size = config.data.batch_size
+    steps_per_epoch = len(dataset) // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{config.data.train}: {len(dataset)} images are fewer than one batch of {batch_size}")
+    total_steps = config.train.max_steps or math.ceil(config.train.epochs * steps_per_epoch)
+    balanced = None
+    if config.data.sampler == "identity_balanced":
+        balanced = IdentityBalancedSampler(dataset.labels, batch_size, config.data.images_per_identity, config.run.seed)
+        rank_batch = local_batch_size(batch_size, env.world_size)
+        if rank_batch % config.data.images_per_identity:
+            raise ValueError(
+                f"each of the {env.world_size} processes takes {rank_batch} images of a batch, not a multiple of "
+                f"data.images_per_identity={config.data.images_per_identity}: an identity's images would be split "
+                "between processes; change data.batch_size"
+            )
+    return dataset, steps_per_epoch, total_steps, balanced
+
+
+def restore(run: Run) -> None:
+    """Continue from the run directory's last checkpoint (every rank: each keeps only its shard of the head)."""
+    state = load_checkpoint(run.run_dir / LAST, "cpu" if run.env.enabled else run.device)
+    method_state, optimizer_state = shard_training_state(run.method, run.optimizer, state["method"], state["optimizer"])
+    run.model.load_state_dict(state["model"])
+    run.method.load_state_dict(method_state)
+    run.optimizer.load_state_dict(optimizer_state)
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.step, run.best_val, run.skipped = state["step"], state["best_val"], state["skipped"]
+    torch.set_rng_state(state["rng"])
+
+
+def start(run: Run, progress: bool) -> None:
+    """The training step, the log and the progress bar. After ``restore``: DDP starts every rank from rank 0's
+    weights, which are then the checkpoint's."""
+    config = run.config
+    wrapped = ddp(run.model, run.device) if run.env.enabled else run.model
+    run.train_step = TrainStep.from_config(
         config,
-        forward=forward,
-        method=method,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=scaler,
-        device=device,
-        steps_per_epoch=steps_per_epoch,
-        amp_dtype=amp_dtype,
-        cache=cache,
-        teacher_offset=teacher_offset,
-        env=env,
-        divergence_hint=f"; the last good checkpoint is {run_dir / LAST}. Lower optim.lr or raise "
+        forward=torch.compile(wrapped) if config.train.compile else wrapped,
+        method=run.method,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        scaler=run.scaler,
+        device=run.device,
+        steps_per_epoch=run.steps_per_epoch,
+        amp_dtype=run.amp_dtype,
+        cache=run.cache,
+        teacher_offset=run.teacher_offset,
+        env=run.env,
+        divergence_hint=f"; the last good checkpoint is {run.run_dir / LAST}. Lower optim.lr or raise "
         "schedule.warmup_epochs, then --resume",
     )
+    run.logger = RunLogger(run.run_dir, enabled=run.env.is_main)
+    show = progress and run.env.is_main
+    run.bar = tqdm(total=run.total_steps, initial=run.step, desc=f"train {config.method['name']}", unit="step",
+                   disable=not show)  # fmt: skip
+    run.model.train()
+    run.method.train()
 
-    def checkpoint_state() -> dict[str, Any] | None:
-        """The checkpoint, whole (collective with several processes; None on ranks other than 0)."""
-        gathered = gather_training_state(method, optimizer, env)
-        if gathered is None:
-            return None
-        method_state, optimizer_state = gathered
-        head = getattr(method, "head", None)
-        # The whole head for a teacher-style "head" entry: the gathered one when it is sharded.
-        head_weight = method_state["head.weight"] if "head" in heads else head.weight if head is not None else None
-        return {
-            "model": model.state_dict(),
-            "method": method_state,
-            "head": {"weight": head_weight.detach().cpu()} if head_weight is not None else {},
-            "optimizer": optimizer_state,
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "step": step,
-            "best_val": best_val,
-            "skipped": skipped,
-            "rng": torch.get_rng_state(),
-            "config": config.to_dict(),
-        }
 
-    def save(path: Path) -> None:
-        state = checkpoint_state()
-        if state is not None:
-            save_checkpoint(state, path)
-
-    logger = RunLogger(run_dir, enabled=env.is_main)
-    validation: dict[str, float] = {}
-    val_every = max(1, int(round(config.train.val_every_epochs * steps_per_epoch)))
-    train_seconds, trained_images = 0.0, 0
-    bar = tqdm(
-        total=total_steps,
-        initial=step,
-        desc=f"train {config.method['name']}",
-        unit="step",
-        disable=not (progress and env.is_main),
+def epoch_loader(run: Run) -> DataLoader:
+    """This rank's batches of the rest of the current epoch (the same order on every rank and after a resume)."""
+    config, batch_size = run.config, run.config.data.batch_size
+    epoch, offset = divmod(run.step, run.steps_per_epoch)
+    if run.balanced is not None:
+        indices = [index for batch in run.balanced.epoch_batches(epoch)[offset:] for index in batch]
+    else:
+        order = torch.randperm(len(run.dataset), generator=step_generator(config.run.seed, -1 - epoch))
+        indices = order[offset * batch_size : run.steps_per_epoch * batch_size].tolist()
+    return DataLoader(
+        run.dataset,
+        batch_size=run.rank_batch,
+        sampler=local_indices(indices, batch_size, run.env),
+        drop_last=True,
+        collate_fn=collate_faces,
+        num_workers=config.data.num_workers,
+        pin_memory=run.device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if config.data.num_workers else None,
     )
-    model.train()
-    method.train()
-    while step < total_steps:
-        epoch, offset = divmod(step, steps_per_epoch)
-        if balanced is not None:
-            indices = [index for batch in balanced.epoch_batches(epoch)[offset:] for index in batch]
-        else:
-            order = torch.randperm(len(dataset), generator=step_generator(config.run.seed, -1 - epoch))
-            indices = order[offset * batch_size : steps_per_epoch * batch_size].tolist()
-        loader = DataLoader(
-            dataset,
-            batch_size=rank_batch,
-            sampler=local_indices(indices, batch_size, env),
-            drop_last=True,
-            collate_fn=collate_faces,
-            num_workers=config.data.num_workers,
-            pin_memory=device.type == "cuda",
-            persistent_workers=False,
-            prefetch_factor=4 if config.data.num_workers else None,
-        )
+
+
+def train_epoch(run: Run) -> None:
+    """One epoch (or its rest): steps, logging, validation and checkpoints; training time excludes the last two."""
+    config = run.config
+    assert run.train_step is not None and run.bar is not None
+    tick = time.perf_counter()
+    for batch in epoch_loader(run):
+        terms, values, batch_skipped, rows = run.train_step(batch, run.step)
+        run.step += 1
+        run.skipped += batch_skipped
+        now = time.perf_counter()
+        run.train_seconds += now - tick
+        run.trained_images += rows * run.env.world_size
+        run.bar.update(1)
+        if run.env.is_main and (run.step % config.train.log_every == 0 or run.step == run.total_steps):
+            log_step(run, terms, values.tolist())
+        if config.data.val_pairs and (run.step % run.val_every == 0 or run.step == run.total_steps):
+            validate(run)
+        if run.step % config.train.checkpoint_every == 0 or run.step == run.total_steps:
+            save(run, run.run_dir / LAST)
+        if run.step >= run.total_steps:
+            break
         tick = time.perf_counter()
-        for batch in loader:
-            terms, values, batch_skipped, rows = train_step(batch, step)
-            step += 1
-            skipped += batch_skipped
 
-            now = time.perf_counter()
-            train_seconds += now - tick
-            trained_images += rows * env.world_size
-            tick = now
-            speed = trained_images / max(train_seconds, 1e-9)
-            bar.update(1)
-            if env.is_main and (step % config.train.log_every == 0 or step == total_steps):
-                logged = values.tolist()
-                row = dict(zip(terms, logged[1:], strict=True))
-                row.update(
-                    loss=logged[0],
-                    lr=optimizer.param_groups[0]["lr"],
-                    images_per_second=speed,
-                    epoch=step / steps_per_epoch,
-                )
-                logger.log("train", step, row)
-                bar.set_postfix(loss=f"{logged[0]:.3f}", img_s=f"{speed:.0f}")
-            if config.data.val_pairs and (step % val_every == 0 or step == total_steps):
-                accuracy, accuracy_std = -1.0, 0.0
-                if env.is_main:
-                    from facedistill.eval.verify import evaluate_pairs, student_embedder
 
-                    assert val_set is not None
-                    model.eval()
-                    result, _ = evaluate_pairs(
-                        student_embedder(model, device, config.train.amp),
-                        val_set,
-                        config.eval.flip,
-                        config.eval.batch_size,
-                        config.data.num_workers,
-                        False,
-                    )
-                    model.train()
-                    accuracy, accuracy_std = result.accuracy_mean, result.accuracy_std
-                    logger.log("val", step, {"accuracy": accuracy, "std": accuracy_std})
-                # The others wait here for rank 0's result, so that all of them take part in the checkpoint.
-                accuracy, accuracy_std = env.broadcast_floats([accuracy, accuracy_std], device)
-                validation = {"accuracy": accuracy, "std": accuracy_std, "step": step}
-                if accuracy > best_val:
-                    best_val = accuracy
-                    if config.train.select == "best_val":
-                        save(run_dir / BEST)
-            if step % config.train.checkpoint_every == 0 or step == total_steps:
-                save(run_dir / LAST)
-            if step >= total_steps:
-                break
-            tick = time.perf_counter()
-    bar.close()
-    logger.close()
+def log_step(run: Run, terms: list[str], logged: list[float]) -> None:
+    assert run.logger is not None and run.bar is not None
+    speed = run.trained_images / max(run.train_seconds, 1e-9)
+    row = dict(zip(terms, logged[1:], strict=True))
+    row.update(loss=logged[0], lr=run.optimizer.param_groups[0]["lr"], images_per_second=speed,
+               epoch=run.step / run.steps_per_epoch)  # fmt: skip
+    run.logger.log("train", run.step, row)
+    run.bar.set_postfix(loss=f"{logged[0]:.3f}", img_s=f"{speed:.0f}")
+
+
+def validate(run: Run) -> None:
+    """Accuracy on the validation pairs (rank 0), shared with every rank; the best model so far is kept when the
+    run selects on it (``train.select=best_val``)."""
+    config = run.config
+    accuracy, accuracy_std = -1.0, 0.0
+    if run.env.is_main:
+        from facedistill.eval.verify import evaluate_pairs, student_embedder
+
+        assert run.val_set is not None and run.logger is not None
+        run.model.eval()
+        embed = student_embedder(run.model, run.device, config.train.amp)
+        result, _ = evaluate_pairs(
+            embed, run.val_set, config.eval.flip, config.eval.batch_size, config.data.num_workers, False
+        )
+        run.model.train()
+        accuracy, accuracy_std = result.accuracy_mean, result.accuracy_std
+        run.logger.log("val", run.step, {"accuracy": accuracy, "std": accuracy_std})
+    # The others wait here for rank 0's result, so that all of them take part in the checkpoint.
+    accuracy, accuracy_std = run.env.broadcast_floats([accuracy, accuracy_std], run.device)
+    run.validation = {"accuracy": accuracy, "std": accuracy_std, "step": run.step}
+    if accuracy > run.best_val:
+        run.best_val = accuracy
+        if config.train.select == "best_val":
+            save(run, run.run_dir / BEST)
+
+
+def checkpoint_state(run: Run) -> dict[str, Any] | None:
+    """The checkpoint, whole (collective with several processes; None on ranks other than 0)."""
+    gathered = gather_training_state(run.method, run.optimizer, run.env)
+    if gathered is None:
+        return None
+    method_state, optimizer_state = gathered
+    head = getattr(run.method, "head", None)
+    # The whole head for a teacher-style "head" entry: the gathered one when it is sharded.
+    sharded = "head" in sharded_heads(run.method)
+    head_weight = method_state["head.weight"] if sharded else head.weight if head is not None else None
+    return {
+        "model": run.model.state_dict(),
+        "method": method_state,
+        "head": {"weight": head_weight.detach().cpu()} if head_weight is not None else {},
+        "optimizer": optimizer_state,
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "step": run.step,
+        "best_val": run.best_val,
+        "skipped": run.skipped,
+        "rng": torch.get_rng_state(),
+        "config": run.config.to_dict(),
+    }
+
+
+def save(run: Run, path: Path) -> None:
+    state = checkpoint_state(run)
+    if state is not None:
+        save_checkpoint(state, path)
+
+
+def finish(run: Run, progress: bool) -> RunSummary:
+    """Close the log, then on rank 0 evaluate the reported model on the test sets, export it and write the
+    results and the run report."""
+    config, env = run.config, run.env
+    assert run.bar is not None and run.logger is not None
+    run.bar.close()
+    run.logger.close()
     # When any rank's train() returns, last.pt is complete; rank 0's evaluation below needs no other rank.
     env.barrier()
-    if skipped and env.is_main:
-        print(f"warning: {skipped} unreadable training images were skipped (data.skip_bad_images=true)")
-
+    if run.skipped and env.is_main:
+        print(f"warning: {run.skipped} unreadable training images were skipped (data.skip_bad_images=true)")
     # validate_config made sure that best_val comes with data.val_pairs.
     selected = BEST if config.train.select == "best_val" else LAST
     summary = RunSummary(
-        run_dir=run_dir,
-        steps=step,
-        epochs=step / steps_per_epoch,
-        wall_seconds=time.perf_counter() - started,
-        train_seconds=train_seconds,
-        images_per_second=trained_images / max(train_seconds, 1e-9),
+        run_dir=run.run_dir,
+        steps=run.step,
+        epochs=run.step / run.steps_per_epoch,
+        wall_seconds=time.perf_counter() - run.started,
+        train_seconds=run.train_seconds,
+        images_per_second=run.trained_images / max(run.train_seconds, 1e-9),
         selected=selected,
-        validation=validation,
-        skipped_images=skipped,
+        validation=run.validation,
+        skipped_images=run.skipped,
     )
     if not env.is_main:
         return summary
-
-    if synced_batchnorm:
-        # Evaluate and export the plain backbone: SyncBatchNorm is a training-time wrapper of the same weights.
-        plain = create_model(config.model.name, embedding_size=config.model.embedding_size)
-        plain.load_state_dict(model.state_dict())
-        model = plain.to(device)
-    if selected == BEST:
-        model.load_state_dict(load_checkpoint(run_dir / BEST, device)["model"])
-    model.eval()
-    summary.tests = evaluate_tests(config, model, device, run_dir, progress)
+    model = reported_model(run, selected)
+    summary.tests = evaluate_tests(config, model, run.device, run.run_dir, progress)
     if config.train.export_onnx:
         from facedistill.export.onnx import export_onnx
 
         export_onnx(
             model,
-            run_dir / "model.onnx",
+            run.run_dir / "model.onnx",
             metadata={"facedistill.model": config.model.name, "facedistill.method": config.method["name"]},
         )
-    summary.wall_seconds = time.perf_counter() - started
-    payload = {**summary.to_dict(), **teacher_info, "model": model_profile(config)}
-    (run_dir / "results.json").write_text(json.dumps(payload, indent=2))
+    summary.wall_seconds = time.perf_counter() - run.started
+    payload = {**summary.to_dict(), **run.teacher_info, "model": model_profile(config)}
+    (run.run_dir / "results.json").write_text(json.dumps(payload, indent=2))
     from facedistill.eval.report import write_run_report
 
     try:
-        write_run_report(run_dir)
+        write_run_report(run.run_dir)
     except Exception as error:  # a finished run must not fail because its report could not be drawn
         print(f"warning: run report not written: {error}")
     return summary
+
+
+def reported_model(run: Run, selected: str) -> torch.nn.Module:
+    """The model the run reports, in eval mode: the last or the best checkpoint's, as a plain backbone."""
+    config, model = run.config, run.model
+    if run.synced_batchnorm:
+        # Evaluate and export the plain backbone: SyncBatchNorm is a training-time wrapper of the same weights.
+        plain = create_model(config.model.name, embedding_size=config.model.embedding_size)
+        plain.load_state_dict(model.state_dict())
+        model = plain.to(run.device)
+    if selected == BEST:
+        model.load_state_dict(load_checkpoint(run.run_dir / BEST, run.device)["model"])
+    return model.eval()
 
 
 def model_profile(config: Config) -> dict[str, Any]:
