@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -99,5 +98,7 @@ def cache_teacher(
         message = cache_recipe_teacher(config, root, batch_size, workers, overwrite)
     except (RecipeError, ValueError, FileNotFoundError, OSError) as error:
         _fail(error)
-    if os.environ.get("RANK", "0") == "0":
+    from facedistill.arcface_torch.refusals import rank
+
+    if rank() == 0:
         typer.echo(message)

@@ -166,11 +166,13 @@ def check_config(cfg: Recipe) -> Any:
     """``validate`` for the framework's ``get_config``: a bad recipe raises ``RecipeError`` (one line from rank 0
     under the patched ``train_v2.py``, see ``refusals``), and so does a val target that cannot be scored; a
     recipe that runs but slowly for a known reason, or a val target that does not exist, is said once (rank 0)."""
+    from facedistill.arcface_torch import refusals
+
     validate(cfg)
     existing, missing = val_target_paths(cfg)
     absent = [f"warning: config.val_targets: {path} does not exist; the framework skips it" for path in missing]
     for warning in [cpu_fp16_warning(cfg), *absent]:
-        if warning and int(os.environ.get("RANK", "0")) == 0:
+        if warning and refusals.rank() == 0:
             print(warning, file=sys.stderr, flush=True)
     check_val_targets(existing)
     return cfg
