@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import arcface_torch_cpu as bench  # noqa: E402  (the arcface_torch benchmark's checkout and speed helpers)
 
 RECIPE = "celeba299_mbf_md"
+CACHE = "data/cache_bench/teacher_sface"
 
 
 def pack_subset(root: Path, identities: int) -> tuple[int, int]:
@@ -48,6 +50,9 @@ def pack_subset(root: Path, identities: int) -> tuple[int, int]:
 
 
 def cache_round(root: Path, nproc: int, recipe: str, images: int) -> float:
+    # A build from nothing: with several ranks --overwrite resumes a complete cache of the same teacher and data
+    # (another rank of the same job may be writing it), so the previous round's cache is removed first.
+    shutil.rmtree(root / CACHE, ignore_errors=True)
     command = bench.torchrun(nproc, "-m", "facedistill.cli", "arcface-torch", "cache-teacher", recipe, "--overwrite")
     started = time.perf_counter()
     subprocess.run(command, cwd=root, env=bench.environment(), check=True, capture_output=True)
@@ -70,7 +75,7 @@ def main() -> None:
     classes, images = pack_subset(root, args.identities)
     overrides = {
         "rec": "data/cache_bench",
-        "teacher_cache": "data/cache_bench/teacher_sface",
+        "teacher_cache": CACHE,
         "num_classes": classes,
         "num_image": images,
         "num_epoch": 20,

@@ -72,3 +72,60 @@ def test_validation_study_rows_are_valid_runs_that_never_see_a_test_set(tmp_path
     assert study.row_config("md_noclip", 0, 2.0, tmp_path, tmp_path).train.grad_clip is None
     assert study.row_config("md_centred", 0, 2.0, tmp_path, tmp_path).teacher.subtract_mean
     assert study.row_config("md", 0, 2.0, tmp_path, tmp_path).optim.lr == study.BASE["optim"]["lr"]
+
+
+def test_learning_curve_runs_each_budget_once_and_keeps_its_rows_across_sessions(tmp_path, monkeypatch) -> None:
+    import shutil
+
+    import pytest
+
+    from facedistill.config import load_config
+    from facedistill.data.datasets import ImageFolderDataset
+    from facedistill.teachers.cache import build_teacher_cache
+    from tests.helpers import ProjectionTeacher, make_face_folders
+
+    train_dir, pairs = make_face_folders(tmp_path, identities=4, images=6, test_identities=4)
+    cache = tmp_path / "cache"
+    build_teacher_cache(ProjectionTeacher(), ImageFolderDataset(train_dir), cache, num_workers=0, progress=False)
+    curve = load_benchmark("learning_curve")
+    images = str(tmp_path)  # the pairs name test/ID/FILE
+    argv = [
+        "--out", str(tmp_path / "out"), "--rows", "arcface", "md_centred_kd", "--budgets", "2", "1",
+        "--cache", str(cache), "--teacher", "none", "--train", str(train_dir), "--exclude", "none",
+        "--val-pairs", str(pairs), "--val-images", images, "--test-pairs", str(pairs), "--test-images", images,
+        "--teacher-test", "99.0", "--checkpoint-every", "1", "--results", str(tmp_path / "results" / "curve.json"),
+        "--set", "model.embedding_size=16", "data.batch_size=8", "data.num_workers=0", "train.channels_last=false",
+    ]  # fmt: skip
+    report = curve.main(argv)
+    assert set(report["runs"]) == {f"{row}_{b}ep_seed0" for row in ("arcface", "md_centred_kd") for b in (1, 2)}
+    for entry in report["runs"].values():
+        # Validated after every epoch of its own schedule; the test set read once, at the end.
+        epochs = [round(point["epoch"]) for point in entry["val_history"]]
+        assert epochs == list(range(1, int(entry["budget_epochs"]) + 1))
+        assert all(0.0 <= point["auc"] <= 1.0 for point in entry["val_history"])
+        assert len(entry["test"]["fold_accuracies"]) == 10 and len(entry["angles"]) == 24
+        assert entry["model"]["params"] > 0 and entry["train_minutes"] > 0
+    md_run = tmp_path / "out" / "runs" / "md_centred_kd_2ep_seed0"
+    saved = load_config(md_run / "config.yaml")
+    assert (saved.train.epochs, saved.train.val_every_epochs, saved.teacher.subtract_mean) == (2.0, 1.0, True)
+    assert saved.eval.tests == [] and saved.data.val_pairs == str(pairs)
+    table = (tmp_path / "results" / "curve.md").read_text()
+    assert table.count("| md_centred_kd |") == 2 and re.search(r"\| md_centred_kd \| 2 \|.*\| [+-]\d+\.\d\d ± ", table)
+    for name in ("curve.png", "curve_roc.png", "curve_angles_arcface.png", "curve_angles_md_centred_kd.png"):
+        assert (tmp_path / "results" / name).stat().st_size > 0, name
+
+    # A later session without the run directories: the committed JSON keeps the rows, nothing trains again.
+    shutil.rmtree(tmp_path / "out" / "runs")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a measured run was trained again")
+
+    monkeypatch.setattr(curve, "train", no_training)
+    assert curve.main(argv)["runs"].keys() == report["runs"].keys()
+    # An interrupted run is not silently restarted: it asks for --resume.
+    monkeypatch.undo()
+    argv[argv.index("2")] = "3"
+    (tmp_path / "out" / "runs" / "arcface_3ep_seed0").mkdir(parents=True)
+    (tmp_path / "out" / "runs" / "arcface_3ep_seed0" / "last.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match="unfinished run .*--resume"):
+        curve.main(argv)

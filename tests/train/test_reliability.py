@@ -64,7 +64,8 @@ def test_sigkill_at_a_random_step_then_resume_gives_identical_weights(tmp_path, 
     assert process.poll() is None, "the run ended before it could be killed"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    killed_at = load_checkpoint(run_dir / "last.pt")["step"]
+    killed = load_checkpoint(run_dir / "last.pt")
+    killed_at = killed["step"]
     assert 0 < killed_at < 9, f"kill_after={kill_after}"
 
     train(load_config(None, _settings(train_dir, run_dir)), resume=True, progress=False)
@@ -72,6 +73,9 @@ def test_sigkill_at_a_random_step_then_resume_gives_identical_weights(tmp_path, 
     resumed = load_checkpoint(run_dir / "last.pt")
     reference = load_checkpoint(tmp_path / "uninterrupted" / "last.pt")
     assert resumed["step"] == reference["step"] == 9
+    # The resumed run counts the images and the training time of both its parts.
+    assert resumed["trained_images"] == reference["trained_images"]
+    assert resumed["train_seconds"] > killed["train_seconds"] > 0
     for part in ("model", "method"):
         for key, value in reference[part].items():
             assert torch.equal(value, resumed[part][key]), f"{part}.{key} differs (killed after step {killed_at})"
