@@ -119,12 +119,11 @@ def val_history(run_dir: Path) -> list[dict[str, float]]:
     return [by_step[step] for step in sorted(by_step)]
 
 
-def test_once(run_dir: Path, test_set: Any) -> dict[str, Any]:
+def test_once(run_dir: Path, embedder: Any, test_set: Any) -> dict[str, Any]:
     """The finished run's last checkpoint on the test set, evaluated once and kept in the run directory."""
     saved = run_dir / "test_once.json"
     if not saved.exists():
-        student, _ = load_student(run_dir / "last.pt")
-        result, _ = evaluate_pairs(student_embedder(student), test_set, num_workers=1, progress=False)
+        result, _ = evaluate_pairs(embedder, test_set, num_workers=1, progress=False)
         saved.write_text(json.dumps(result.to_dict(), default=str))
     return json.loads(saved.read_text())
 
@@ -136,7 +135,8 @@ def measure_run(
     run_dir = Path(config.run.output_dir)
     history = val_history(run_dir)
     student, _ = load_student(run_dir / "last.pt")
-    angles = angles_to_centres(student_embedder(student), context["sample"], context["centres"](row), progress=False)
+    embedder = student_embedder(student)
+    angles = angles_to_centres(embedder, context["sample"], context["centres"](row), progress=False)
     return {
         "row": row,
         "budget_epochs": budget,
@@ -150,7 +150,7 @@ def measure_run(
         "val_std": summary.validation["std"],
         "val_auc": history[-1].get("auc") if history else None,
         "final_train_loss": study.final_loss(run_dir),
-        "test": test_once(run_dir, context["test_set"]),
+        "test": test_once(run_dir, embedder, context["test_set"]),
         "angles": np.round(angles, 2).tolist(),
         "model": model_profile(config),
     }

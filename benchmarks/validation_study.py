@@ -84,8 +84,8 @@ ROWS: dict[str, dict[str, Any]] = {
     # A constant margin on the same frozen centres, at MD's mean margin over the training set:
     # 0.2 + 0.3 * 0.722 / 0.957 = 0.43 (mean and max teacher cosine to the centre, issue 15).
     "arcdistill": {"method": {"name": "arcdistill", "scale": 32.0, "margin": 0.43}},
-    "md_kd": {"method": {**MD, "kd_weight": 1.0, "temperature": 4.0}},
-    "md_kd_noclip": {"method": {**MD, "kd_weight": 1.0, "temperature": 4.0}, **NO_CLIP},
+    "md_kd": {"method": KD},
+    "md_kd_noclip": {"method": KD, **NO_CLIP},
     "md_centred_kd": {"method": KD, **CENTRED},
     # Ablations of the best recipe over a longer schedule (benchmarks/learning_curve.py, issue 19). There is no
     # 512-d row: MarginDistillation trains against the teacher's 128-d centres, so the student's width is fixed by
@@ -100,8 +100,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "md_centred_kd_b64": {"method": KD, **CENTRED, "data": {"batch_size": 64}},
     "md_centred_kd_noflip": {"method": KD, **CENTRED, "data": {"flip": False}},
     "md_centred_kd_mbf": {"method": KD, **CENTRED, "model": {"name": "mbf"}},
-    "md_kd_w2": {"method": {**MD, "kd_weight": 2.0, "temperature": 4.0}},
-    "md_kd_t2": {"method": {**MD, "kd_weight": 1.0, "temperature": 2.0}},
+    "md_kd_w2": {"method": {**KD, "kd_weight": 2.0}},
+    "md_kd_t2": {"method": {**KD, "temperature": 2.0}},
     "md_lr02": {"method": MD, "optim": {"lr": 0.2}},
     "arcface_lr02": {"method": ARCFACE, "optim": {"lr": 0.2}},
 }
