@@ -95,44 +95,52 @@ def _build(kind: str, classes: int, dim: int, rate: float, rank: int, world: int
     return MarginDistillation(params, context), None
 
 
+def _rank_measurement(rank: int, world: int, job: dict) -> dict[str, object]:
+    torch.manual_seed(1234 + rank)
+    batch, dim, classes = job["batch"], job["dim"], job["classes"]
+    embeddings = torch.randn(batch, dim, requires_grad=True)
+    teacher = torch.randn(batch, dim)
+    labels = torch.randint(0, classes, (batch,))
+    gc.collect()
+    before = _status("VmRSS")
+    head, optimizer = _build(job["kind"], classes, dim, job["rate"], rank, world, Path(job["upstream"]))
+    gc.collect()
+    held = _status("VmRSS") - before
+    _reset_peak()
+    times = []
+    for step in range(job["steps"] + 1):
+        dist.barrier()
+        started = time.perf_counter()
+        if optimizer is None:
+            loss = sum(head(embeddings, labels, teacher).values())
+        else:
+            loss = head(embeddings, labels.clone())
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)
+        embeddings.grad = None
+        dist.barrier()
+        if step:  # the first step allocates gradients and optimiser state: warm-up
+            times.append(time.perf_counter() - started)
+    return dict(
+        held_bytes=held,
+        peak_bytes=_status("VmHWM") - before,
+        step_seconds=statistics.median(times),
+        loss=float(loss.detach()),
+    )
+
+
 def _worker(rank: int, world: int, port: int, job: dict, out: str) -> None:
     result: dict[str, object] = {"rank": rank}
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        torch.manual_seed(1234 + rank)
-        batch, dim, classes = job["batch"], job["dim"], job["classes"]
-        embeddings = torch.randn(batch, dim, requires_grad=True)
-        teacher = torch.randn(batch, dim)
-        labels = torch.randint(0, classes, (batch,))
+        result.update(_rank_measurement(rank, world, job))
+        # The heads hold the process group; gloo aborts the process ("terminate called without an active
+        # exception") when they outlive it, so they are gone (the measurement returned) before it is destroyed.
         gc.collect()
-        before = _status("VmRSS")
-        head, optimizer = _build(job["kind"], classes, dim, job["rate"], rank, world, Path(job["upstream"]))
-        gc.collect()
-        held = _status("VmRSS") - before
-        _reset_peak()
-        times = []
-        for step in range(job["steps"] + 1):
-            dist.barrier()
-            started = time.perf_counter()
-            if optimizer is None:
-                loss = sum(head(embeddings, labels, teacher).values())
-            else:
-                loss = head(embeddings, labels.clone())
-            loss.backward()
-            if optimizer is not None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=False)
-            embeddings.grad = None
-            dist.barrier()
-            if step:  # the first step allocates gradients and optimiser state: warm-up
-                times.append(time.perf_counter() - started)
-        result.update(
-            held_bytes=held,
-            peak_bytes=_status("VmHWM") - before,
-            step_seconds=statistics.median(times),
-            loss=float(loss.detach()),
-        )
+        dist.barrier()
         dist.destroy_process_group()
     except Exception:
         result["error"] = traceback.format_exc()
