@@ -95,6 +95,9 @@ ROWS: dict[str, dict[str, Any]] = {
     "md_centred_kd_t2": {"method": {**KD, "temperature": 2.0}, **CENTRED},
     "md_centred_kd_t8": {"method": {**KD, "temperature": 8.0}, **CENTRED},
     "md_centred_kd_emb1": {"method": {**KD, "embedding_weight": 1.0}, **CENTRED},
+    # 1 - cos moves each student cosine with gradient 1, the margin loss at s = 32 with up to s (1 - p): weight 16
+    # puts the dense per-image term on the margin loss's scale instead of 30x below it.
+    "md_centred_kd_emb16": {"method": {**KD, "embedding_weight": 16.0}, **CENTRED},
     "md_centred_kd_lr02": {"method": KD, **CENTRED, "optim": {"lr": 0.2}},
     "md_centred_kd_lr005": {"method": KD, **CENTRED, "optim": {"lr": 0.05}},
     "md_centred_kd_b64": {"method": KD, **CENTRED, "data": {"batch_size": 64}},
