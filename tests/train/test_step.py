@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from facedistill.data.datasets import Batch
-from facedistill.data.images import normalise, random_horizontal_flip
+from facedistill.data.images import normalise, random_horizontal_flip, random_shift
 from facedistill.distill.base import DistillMethod
 from facedistill.teachers.cache import centre_rows
 from facedistill.train.step import TrainingDivergedError, TrainStep, step_generator
@@ -70,6 +70,24 @@ def test_the_student_sees_the_mirror_and_the_method_gets_the_mirror_rows() -> No
     # One SGD step, clipped to a global norm of 1 at lr 0.1: no weight moved by more than 0.1.
     moved = [(p.detach() - b).abs().max().item() for p, b in zip(model.parameters(), before, strict=True)]
     assert 0 < max(moved) <= 0.1 + 1e-6
+
+
+def test_shift_translates_after_the_same_flip_and_keeps_the_mirror_rows() -> None:
+    seen_images: list[torch.Tensor] = []
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 8))
+    model.register_forward_pre_hook(lambda module, args: seen_images.append(args[0].clone()))
+    method = RecordingMethod()
+    batch = _batch()
+    _step(method, model, memory_format=torch.contiguous_format, shift=2)(batch, step=5)
+
+    generator = step_generator(3, 5)
+    flipped, mirrored = random_horizontal_flip(batch.images, generator)
+    expected = random_shift(flipped, generator, 2)
+    assert not torch.equal(expected, flipped), "this seed must move some image"
+    assert torch.equal(seen_images[0], normalise(expected))
+    # The teacher rows are those of the unshifted (possibly mirrored) image, as without the shift.
+    _, teacher = method.seen[0]
+    assert torch.equal(teacher[:, 1], mirrored.float())
 
 
 def test_a_non_finite_loss_stops_before_the_update_with_the_hint() -> None:

@@ -66,3 +66,36 @@ def random_horizontal_flip(
         images = images.clone()
         images[flipped] = images[flipped].flip(-1)
     return images, flipped
+
+
+def random_shift(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    max_shift: int,
+    *,
+    global_batch: int | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """Translate each image of a uint8 batch by whole pixels, dy and dx drawn uniformly from [-max_shift, max_shift].
+
+    The uncovered border is black, as in a random crop of the image padded by ``max_shift`` zeros (torchvision's
+    ``RandomCrop(112, padding=max_shift)``). The teacher's cached row of the unshifted image stays the target: its
+    embedding barely moves under a few pixels of translation (``benchmarks/teacher_shift_invariance.py`` measures
+    how little), so the cache serves this augmentation without running the teacher. ``global_batch`` and
+    ``offset`` draw for the whole batch and slice, as in :func:`random_horizontal_flip`.
+    """
+    if max_shift < 0:
+        raise ValueError(f"max_shift must be >= 0 pixels, got {max_shift}")
+    total = images.shape[0] if global_batch is None else global_batch
+    if offset < 0 or offset + images.shape[0] > total:
+        raise ValueError(f"rows [{offset}, {offset + images.shape[0]}) are not inside a batch of {total}")
+    if max_shift == 0:
+        return images
+    draws = torch.randint(-max_shift, max_shift + 1, (total, 2), generator=generator)[offset : offset + len(images)]
+    height, width = images.shape[-2:]
+    padded = torch.nn.functional.pad(images, (max_shift, max_shift, max_shift, max_shift))
+    shifted = torch.empty_like(images)
+    for row, (dy, dx) in enumerate(draws.tolist()):
+        top, left = max_shift - dy, max_shift - dx
+        shifted[row] = padded[row, :, top : top + height, left : left + width]
+    return shifted

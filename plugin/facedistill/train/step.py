@@ -2,9 +2,10 @@
 
 The loop (``facedistill.train.loop``) and the GPU throughput benchmark (``benchmarks/gpu_train_speed.py``) both
 run this, so a speed-up measured by the benchmark is a speed-up of training, not of a copy of it. In order: mirror
-the global batch's share of this rank, look up the cached teacher rows (mirror rows for mirrored images), copy to
-the device, normalise into the training memory format, forward under autocast, the method's loss terms, reduce
-them over the ranks, stop on a non-finite loss, backward (scaled for fp16), clip, optimiser and schedule step.
+(and with ``data.shift`` translate) the global batch's share of this rank, look up the cached teacher rows (mirror
+rows for mirrored images), copy to the device, normalise into the training memory format, forward under autocast,
+the method's loss terms, reduce them over the ranks, stop on a non-finite loss, backward (scaled for fp16), clip,
+optimiser and schedule step.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from facedistill.config import Config
 from facedistill.data.datasets import Batch
-from facedistill.data.images import normalise, random_horizontal_flip
+from facedistill.data.images import normalise, random_horizontal_flip, random_shift
 from facedistill.distill import DistillMethod
 from facedistill.heads.sharded import clip_grad_norm_sharded_
 from facedistill.teachers.cache import TeacherCache
@@ -51,6 +52,7 @@ class TrainStep:
     # Subtracted from every L2-normalised teacher row (``teacher.subtract_mean``), as from the centres' rows.
     teacher_offset: torch.Tensor | None = None
     flip: bool = True
+    shift: int = 0
     mirror_rows: bool = True
     grad_clip: float = 0.0
     env: Distributed = field(default_factory=Distributed)
@@ -66,6 +68,7 @@ class TrainStep:
             seed=config.run.seed,
             memory_format=torch.channels_last if config.train.channels_last else torch.contiguous_format,
             flip=config.data.flip,
+            shift=config.data.shift,
             mirror_rows=config.teacher.mirror_rows,
             grad_clip=config.train.grad_clip,
             **parts,
@@ -94,14 +97,14 @@ class TrainStep:
             batch = pad_batch(batch, self.rank_batch)
         images, labels = batch.images, batch.labels
         mirrored = None
+        # Drawn for the global batch and sliced, so each image flips and shifts as it would on one process; the
+        # shift draws after the flip, so a run without it flips exactly as before.
+        generator = step_generator(self.seed, step)
+        share = {"global_batch": self.batch_size if env.enabled else None, "offset": env.rank * self.rank_batch}
         if self.flip:
-            # The mask is drawn for the global batch and sliced, so each image flips as it would on one process.
-            images, mirrored = random_horizontal_flip(
-                images,
-                step_generator(self.seed, step),
-                global_batch=self.batch_size if env.enabled else None,
-                offset=env.rank * self.rank_batch,
-            )
+            images, mirrored = random_horizontal_flip(images, generator, **share)
+        if self.shift:
+            images = random_shift(images, generator, self.shift, **share)
         teacher = None
         if self.cache is not None:
             rows = mirrored if self.mirror_rows and self.method.mirror_rows else None
