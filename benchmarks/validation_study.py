@@ -111,6 +111,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "md_kd_t2": {"method": {**KD, "temperature": 2.0}},
     "md_lr02": {"method": MD, "optim": {"lr": 0.2}},
     "arcface_lr02": {"method": ARCFACE, "optim": {"lr": 0.2}},
+    # The baseline with the same augmentation, so that a gain of md_centred_kd_shift4 is not the shift's alone.
+    "arcface_shift4": {"method": ARCFACE, "data": {"shift": 4}},
 }
 
 
