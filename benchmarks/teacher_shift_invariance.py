@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         batches.update({f"shift {k}": random_shift(images, generator, k) for k in args.shifts})
         for view, batch in batches.items():
             cosines[view].append((F.normalize(teacher.embed(batch), dim=1) * original).sum(1))
-    embeddings = torch.cat(originals)
-    same = (embeddings @ embeddings.T).view(args.identities, args.per_identity, args.identities, args.per_identity)
-    blocks = torch.stack([same[i, :, i, :] for i in range(args.identities)])
+    # draw_images lists each identity's images together: one [per_identity, dim] group per identity.
+    grouped = torch.cat(originals).view(args.identities, args.per_identity, -1)
+    blocks = grouped @ grouped.transpose(1, 2)
     off_diagonal = ~torch.eye(args.per_identity, dtype=torch.bool)
     figures = {view: torch.cat(values).mean().item() for view, values in cosines.items()}
     figures["same identity, another image"] = blocks[:, off_diagonal].mean().item()

@@ -41,6 +41,14 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return images.float().sub_(127.5).div_(127.5)
 
 
+def _share_of_batch(images: torch.Tensor, global_batch: int | None, offset: int) -> tuple[int, slice]:
+    """How many draws a batch augmentation makes (the global batch's size) and which of them are ``images``'."""
+    total = images.shape[0] if global_batch is None else global_batch
+    if offset < 0 or offset + images.shape[0] > total:
+        raise ValueError(f"rows [{offset}, {offset + images.shape[0]}) are not inside a batch of {total}")
+    return total, slice(offset, offset + images.shape[0])
+
+
 def random_horizontal_flip(
     images: torch.Tensor,
     generator: torch.Generator,
@@ -58,10 +66,8 @@ def random_horizontal_flip(
     process's share): the mask is then drawn for the whole batch and sliced, so every image flips as it would if
     one process took the whole batch.
     """
-    total = images.shape[0] if global_batch is None else global_batch
-    if offset < 0 or offset + images.shape[0] > total:
-        raise ValueError(f"rows [{offset}, {offset + images.shape[0]}) are not inside a batch of {total}")
-    flipped = (torch.rand(total, generator=generator) < p)[offset : offset + images.shape[0]]
+    total, rows = _share_of_batch(images, global_batch, offset)
+    flipped = (torch.rand(total, generator=generator) < p)[rows]
     if flipped.any():
         images = images.clone()
         images[flipped] = images[flipped].flip(-1)
@@ -86,12 +92,10 @@ def random_shift(
     """
     if max_shift < 0:
         raise ValueError(f"max_shift must be >= 0 pixels, got {max_shift}")
-    total = images.shape[0] if global_batch is None else global_batch
-    if offset < 0 or offset + images.shape[0] > total:
-        raise ValueError(f"rows [{offset}, {offset + images.shape[0]}) are not inside a batch of {total}")
+    total, rows = _share_of_batch(images, global_batch, offset)
     if max_shift == 0:
         return images
-    draws = torch.randint(-max_shift, max_shift + 1, (total, 2), generator=generator)[offset : offset + len(images)]
+    draws = torch.randint(-max_shift, max_shift + 1, (total, 2), generator=generator)[rows]
     height, width = images.shape[-2:]
     padded = torch.nn.functional.pad(images, (max_shift, max_shift, max_shift, max_shift))
     shifted = torch.empty_like(images)
