@@ -1,4 +1,5 @@
-"""The framework's data through facedistill: ``.bin`` val targets as upstream's ``load_bin`` returns them."""
+"""The framework's data through facedistill: ``.bin`` val targets as upstream's ``load_bin`` returns them, and
+training samples with upstream's flip and, with ``config.shift``, facedistill's shift."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
-from facedistill.arcface_torch.data import load_bin
+from facedistill.arcface_torch.data import FrameworkFaces, load_bin, normalise_like_upstream
+from facedistill.data.images import random_shift
 from facedistill.data.verification import PairsFormatError, write_bin
 
 
@@ -34,3 +37,71 @@ def test_a_val_target_whose_folds_lack_impostors_is_refused_before_decoding(tmp_
     issame = np.array([True] * 20 + [False] * 20)
     with pytest.raises(PairsFormatError, match=r"v.bin: pairs 0-3 \(fold 1 of 10\) hold no impostor pair"):
         load_bin(_pack(tmp_path / "v.bin", issame))
+
+
+class _Faces:
+    """Two distinct 112x112 uint8 faces, served as facedistill's datasets serve them: (image, label, path)."""
+
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.randint(0, 256, (2, 3, 112, 112), dtype=torch.uint8, generator=generator)
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+        return self.images[index], index, f"face{index}.jpg"
+
+
+def test_without_shift_a_sample_draws_only_upstreams_flip() -> None:
+    faces = _Faces()
+    torch.manual_seed(3)
+    image, label, index, mirrored = FrameworkFaces(faces, sample_info=True)[1]
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    expected_mirror = bool(torch.rand(1) < 0.5)
+    assert torch.equal(torch.rand(1), after)  # one draw, as RandomHorizontalFlip
+    view = faces.images[1].flip(-1) if expected_mirror else faces.images[1]
+    assert torch.equal(image, normalise_like_upstream(view))
+    assert (label.item(), index.item(), mirrored.item()) == (1, 1, expected_mirror)
+
+
+def test_shift_translates_the_flipped_image_and_keeps_its_mirror_flag() -> None:
+    faces = _Faces()
+    moved = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        image, _, _, mirrored = FrameworkFaces(faces, sample_info=True, shift=3)[0]
+        torch.manual_seed(seed)
+        expected_mirror = bool(torch.rand(1) < 0.5)
+        view = faces.images[0].flip(-1) if expected_mirror else faces.images[0]
+        expected = random_shift(view[None], None, 3)[0]  # the same default-generator stream, after the flip
+        assert mirrored.item() == expected_mirror
+        assert torch.equal(image, normalise_like_upstream(expected))
+        moved.append(not torch.equal(image, normalise_like_upstream(view)))
+    assert sum(moved) >= 6, moved  # a draw of (0, 0) leaves the image in place: 1 in 49
+
+
+def test_a_negative_shift_is_refused() -> None:
+    with pytest.raises(ValueError, match="config.shift must be >= 0 pixels, got -1"):
+        FrameworkFaces(_Faces(), shift=-1)
+
+
+def test_the_patched_get_dataloader_hands_config_shift_to_the_dataset(patched_checkout: Path) -> None:
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(patched_checkout))
+    try:
+        spec = importlib.util.spec_from_file_location("patched_dataset", patched_checkout / "dataset.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(patched_checkout))
+    data = str(patched_checkout / "data" / "tiny")
+    assert module.get_dataloader(data, 0, 4, num_workers=0).dataset.shift == 0
+    loader = module.get_dataloader(data, 0, 4, num_workers=0, sample_info=True, shift=2)
+    assert loader.dataset.shift == 2 and loader.dataset.sample_info
+    images, labels, indices, mirrored = next(iter(loader))
+    assert images.shape == (4, 3, 112, 112) and images.dtype == torch.float32

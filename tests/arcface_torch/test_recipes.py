@@ -125,3 +125,26 @@ def test_a_bad_hyper_parameter_is_named_as_the_recipe_spells_it(loss_params: dic
         recipe_method(cfg)
     assert str(caught.value).startswith(message), str(caught.value)
     assert "method." not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"shift": -2}, "config.shift must be a whole number of pixels >= 0, got -2"),
+        ({"shift": 2.5}, "config.shift must be a whole number of pixels >= 0, got 2.5"),
+        ({"shift": True}, "config.shift must be a whole number of pixels >= 0, got True"),
+        ({"shift": 4, "dali": True}, "config.shift = 4 is applied by facedistill's datasets, which DALI bypasses"),
+        ({"shift": 4, "rec": "synthetic"}, "config.shift = 4 is applied by facedistill's datasets, which synthetic"),
+    ],
+)
+@pytest.mark.parametrize("loss", [None, "margin_distillation"])
+def test_a_bad_shift_is_refused_naming_the_key_with_any_loss(changes: dict, message: str, loss: str | None) -> None:
+    from easydict import EasyDict as edict
+
+    from facedistill.arcface_torch.recipe import RecipeError, data_shift, validate
+
+    cfg = edict({"loss": loss, "teacher": "sface", "rec": "data/x", "dali": False, **changes})
+    with pytest.raises(RecipeError) as caught:
+        validate(cfg)
+    assert str(caught.value).startswith(message), str(caught.value)
+    assert data_shift(edict(rec="data/x")) == 0 and data_shift(edict(rec="data/x", shift=4)) == 4

@@ -18,10 +18,14 @@ def losses(log: Path) -> list[float]:
     return [float(match.group(1)) for match in LOSS.finditer(log.read_text())]
 
 
-def test_margin_distillation_trains_and_its_model_evaluates_and_exports(patched_checkout: Path) -> None:
+def test_margin_distillation_trains_with_shift_and_its_model_evaluates_and_exports(patched_checkout: Path) -> None:
     root = patched_checkout
-    result = run(torchrun(2, "train_v2.py", "configs/tiny_md"), cwd=root)
-    log = root / "work_dirs" / "tiny_md" / "training.log"
+    # config.shift on: the loader translates every image and the head still reads the unshifted image's cache row.
+    recipe = (root / "configs" / "tiny_md.py").read_text() + "config.shift = 2\n"
+    (root / "configs" / "tiny_md_shift.py").write_text(recipe)
+    result = run(torchrun(2, "train_v2.py", "configs/tiny_md_shift"), cwd=root)
+    log = root / "work_dirs" / "tiny_md_shift" / "training.log"
+    assert re.search(r": shift\s+2$", log.read_text(), re.MULTILINE), log.read_text()[:3000]
     values = losses(log)
     assert len(values) >= 12, result.stdout[-2000:]
     first, last = sum(values[:4]) / 4, sum(values[-4:]) / 4
@@ -29,7 +33,7 @@ def test_margin_distillation_trains_and_its_model_evaluates_and_exports(patched_
     # The framework's own CallBackVerification ran on the .bin val target, read without mxnet or pickle.load.
     assert re.search(r"\[tinylfw\]\[\d+\]Accuracy-Flip: \d\.\d+", log.read_text())
 
-    model = root / "work_dirs" / "tiny_md" / "model.pt"
+    model = root / "work_dirs" / "tiny_md_shift" / "model.pt"
     pairs = root.parent.parent / "tiny_pairs.txt"
     evaluated = run(facedistill("eval", str(model), "--pairs", str(pairs), "--images", str(LFW)), cwd=root)
     assert "accuracy" in evaluated.stdout.lower(), evaluated.stdout

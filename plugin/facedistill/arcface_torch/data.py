@@ -3,9 +3,10 @@
 The patched ``dataset.py`` serves ``train.rec``/``train.idx`` and image folders through these datasets, and the
 patched ``eval/verification.py`` loads ``.bin`` verification packs through :func:`load_bin`. They return exactly
 what upstream's did: a float image normalised to [-1, 1] (``ToTensor`` then ``Normalize(0.5, 0.5)``), randomly
-mirrored with probability 0.5 (``RandomHorizontalFlip``), and its label. With ``sample_info`` (a facedistill
-method is on) each sample also carries its record index and whether it was mirrored, so the head can read the
-teacher's cached embedding of that very view.
+mirrored with probability 0.5 (``RandomHorizontalFlip``), and its label; with ``config.shift = K`` (a facedistill
+key, 0 by default) the image is then translated by up to K pixels (``random_shift``). With ``sample_info`` (a
+facedistill method is on) each sample also carries its record index and whether it was mirrored, so the head can
+read the teacher's cached embedding of that very view.
 
 What upstream does unsafely or not at all on a current stack, fixed here:
 - RecordIO is read without mxnet (``facedistill.data.recordio``; mxnet cannot import with numpy >= 1.24);
@@ -23,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from facedistill.data.datasets import FaceDataset, ImageFolderDataset, RecordDataset
-from facedistill.data.images import decode_image
+from facedistill.data.images import decode_image, random_shift
 from facedistill.data.verification import check_bin_folds, read_bin
 
 
@@ -38,13 +39,18 @@ class FrameworkFaces(Dataset):
     Items are ``(image, label)``, or ``(image, label, index, mirrored)`` with ``sample_info``. ``index`` is the
     sample's position in the dataset, which is its row in the teacher cache; ``mirrored`` says whether the image
     was flipped, which selects the cache's mirror row. The flip draws ``torch.rand(1) < 0.5`` like torchvision's
-    ``RandomHorizontalFlip``, so the framework's worker seeding governs it as before.
+    ``RandomHorizontalFlip``, so the framework's worker seeding governs it as before. ``shift`` translates the
+    image after the flip by dy, dx drawn from [-shift, shift] (black border), drawn from the same generator; with
+    ``shift=0`` nothing more is drawn, so the flips are upstream's. The teacher's cached row stays the target.
     """
 
-    def __init__(self, faces: FaceDataset, sample_info: bool = False, flip: bool = True) -> None:
+    def __init__(self, faces: FaceDataset, sample_info: bool = False, flip: bool = True, shift: int = 0) -> None:
+        if shift < 0:
+            raise ValueError(f"config.shift must be >= 0 pixels, got {shift}")
         self.faces = faces
         self.sample_info = sample_info
         self.flip = flip
+        self.shift = shift
 
     def __len__(self) -> int:
         return len(self.faces)
@@ -57,6 +63,8 @@ class FrameworkFaces(Dataset):
         mirrored = self.flip and bool(torch.rand(1) < 0.5)
         if mirrored:
             image = image.flip(-1)
+        if self.shift:
+            image = random_shift(image[None], None, self.shift)[0]
         image = normalise_like_upstream(image)
         label_tensor = torch.tensor(label, dtype=torch.long)
         if not self.sample_info:
@@ -81,16 +89,16 @@ def open_framework_dataset(root_dir: str | Path) -> FaceDataset:
 class RecordFaceDataset(FrameworkFaces):
     """``train.rec``/``train.idx`` in ``root_dir`` (upstream's ``MXFaceDataset``), read without mxnet."""
 
-    def __init__(self, root_dir: str | Path, sample_info: bool = False) -> None:
-        super().__init__(RecordDataset(Path(root_dir) / "train.rec"), sample_info)
+    def __init__(self, root_dir: str | Path, sample_info: bool = False, shift: int = 0) -> None:
+        super().__init__(RecordDataset(Path(root_dir) / "train.rec"), sample_info, shift=shift)
 
 
 class FolderFaceDataset(FrameworkFaces):
     """Identity folders (upstream's torchvision ``ImageFolder`` branch), read without torchvision."""
 
-    def __init__(self, root_dir: str | Path, sample_info: bool = False) -> None:
+    def __init__(self, root_dir: str | Path, sample_info: bool = False, shift: int = 0) -> None:
         # open_framework_dataset: a config.rec that is neither a pack nor a folder is refused saying what to do
-        super().__init__(open_framework_dataset(root_dir), sample_info)
+        super().__init__(open_framework_dataset(root_dir), sample_info, shift=shift)
 
 
 class CPUDataLoader(DataLoader):

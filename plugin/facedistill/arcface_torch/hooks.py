@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import distributed, nn
 
-from facedistill.arcface_torch import refusals
+from facedistill.arcface_torch import recipe, refusals
 from facedistill.arcface_torch.recipe import Recipe, method_name
 
 refusals.install()
@@ -45,6 +45,11 @@ def device_ids(local_rank: int) -> list[int] | None:
 def needs_sample_info(cfg: Recipe) -> bool:
     """Whether batches must carry each sample's record index and mirror flag (a facedistill method is on)."""
     return method_name(cfg) is not None
+
+
+def data_shift(cfg: Recipe) -> int:
+    """``get_dataloader``'s ``shift``: ``config.shift``, checked (0 when absent: upstream's augmentation)."""
+    return recipe.data_shift(cfg)
 
 
 def build_head(cfg: Recipe, margin_loss: nn.Module, partial_fc_v2: Callable[..., nn.Module]) -> nn.Module:

@@ -10,6 +10,7 @@ these keys from it; absent keys keep the framework's behaviour::
     config.teacher_cache = "/train_tmp/ms1mv3/teacher_r100"   # default: <config.rec>/teacher_cache
     config.teacher_centres = "auto"                   # auto | head | mean
     config.teacher_subtract_mean = False              # centre the teacher space (mean centres only)
+    config.shift = 0                                  # translate training images by up to N pixels (any loss)
 
 The patched ``utils/utils_config.py`` loads every recipe through :func:`load_job_config` (a ``configs/NAME`` path
 exactly as upstream, or any recipe file, e.g. one shipped in facedistill's ``recipes/``) and checks it with
@@ -42,6 +43,7 @@ PLUGIN_KEYS = (
     "teacher_cache",
     "teacher_centres",
     "teacher_subtract_mean",
+    "shift",
 )
 # The recipe's names of the teacher keys facedistill's own config calls teacher.centres / teacher.subtract_mean.
 RECIPE_TEACHER_KEYS = TeacherKeys(centres="config.teacher_centres", subtract_mean="config.teacher_subtract_mean")
@@ -112,6 +114,7 @@ def teacher_cache_dir(cfg: Recipe) -> Path:
 
 def validate(cfg: Recipe) -> Any:
     """Check facedistill's keys of a loaded recipe; raise ``RecipeError`` naming the key. Returns ``cfg``."""
+    data_shift(cfg)
     name = method_name(cfg)
     if name is None:
         for key in ("loss_params", "teacher_centres", "teacher_subtract_mean"):
@@ -145,6 +148,22 @@ def validate(cfg: Recipe) -> Any:
             "does not give; set config.dali = False and point config.rec at a .rec folder or image folder"
         )
     return cfg
+
+
+def data_shift(cfg: Recipe) -> int:
+    """``config.shift``: the most pixels each training image is translated by after its flip (0, the default:
+    upstream's augmentation). The teacher's cached row of the unshifted image stays a distilled method's target,
+    which a few pixels barely move (``benchmarks/teacher_shift_invariance.py``)."""
+    shift = cfg.get("shift", 0)
+    if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:
+        raise RecipeError(f"config.shift must be a whole number of pixels >= 0, got {shift!r}")
+    if shift and (cfg.get("dali") or cfg.rec == "synthetic"):
+        source = "DALI" if cfg.get("dali") else "synthetic data"
+        raise RecipeError(
+            f"config.shift = {shift} is applied by facedistill's datasets, which {source} bypasses; set "
+            "config.shift = 0, or config.dali = False with config.rec pointing at a .rec folder or image folder"
+        )
+    return shift
 
 
 def cpu_fp16_warning(cfg: Recipe) -> str | None:

@@ -76,7 +76,7 @@ def random_horizontal_flip(
 
 def random_shift(
     images: torch.Tensor,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
     max_shift: int,
     *,
     global_batch: int | None = None,
@@ -88,7 +88,8 @@ def random_shift(
     ``RandomCrop(112, padding=max_shift)``). The teacher's cached row of the unshifted image stays the target: its
     embedding barely moves under a few pixels of translation (``benchmarks/teacher_shift_invariance.py`` measures
     how little), so the cache serves this augmentation without running the teacher. ``global_batch`` and
-    ``offset`` draw for the whole batch and slice, as in :func:`random_horizontal_flip`.
+    ``offset`` draw for the whole batch and slice, as in :func:`random_horizontal_flip`. ``generator=None`` draws
+    from torch's default generator (a DataLoader worker's, seeded by the framework, in the arcface_torch datasets).
     """
     if max_shift < 0:
         raise ValueError(f"max_shift must be >= 0 pixels, got {max_shift}")
