@@ -268,9 +268,18 @@ def teacher_test_accuracy(args: argparse.Namespace) -> float | None:
     return None
 
 
+def paired_baseline(report: dict[str, Any], rows: list[str]) -> str:
+    """The row every other is paired against: plain ArcFace where the report has it, else its first ArcFace row
+    (an ablation file compares against ArcFace under the same data), else the first row asked for."""
+    names = list(dict.fromkeys(entry["row"] for entry in report["runs"].values()))
+    if "arcface" in names:
+        return "arcface"
+    arcface_rows = [name for name in names if study.ROWS[name].get("method", {}).get("name") == "arcface"]
+    return arcface_rows[0] if arcface_rows else rows[0]
+
+
 def write_outputs(report: dict[str, Any], args: argparse.Namespace, stem: Path) -> None:
-    baseline = "arcface" if any(entry["row"] == "arcface" for entry in report["runs"].values()) else args.rows[0]
-    lines = table(report, baseline)
+    lines = table(report, paired_baseline(report, args.rows))
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot_curve(report, teacher_test_accuracy(args), Path(f"{stem}.png"))

@@ -132,6 +132,20 @@ def test_learning_curve_runs_each_budget_once_and_keeps_its_rows_across_sessions
         curve.main(argv)
 
 
+def test_learning_curve_pairs_an_ablation_file_against_its_arcface_row() -> None:
+    curve = load_benchmark("learning_curve")
+
+    def report(*rows: str) -> dict:
+        return {"runs": {f"{row}_16ep_seed0": {"row": row} for row in rows}}
+
+    # The ablation file holds no plain arcface: MD rows pair against ArcFace under the same data, whatever the order.
+    assert curve.paired_baseline(report("md_centred_kd_shift4", "arcface_shift4"), ["md_centred_kd_shift4"]) == (
+        "arcface_shift4"
+    )
+    assert curve.paired_baseline(report("arcface_shift4", "arcface", "md"), ["md"]) == "arcface"
+    assert curve.paired_baseline(report("md", "md_centred_kd"), ["md_centred_kd"]) == "md_centred_kd"
+
+
 def test_teacher_shift_invariance_compares_each_view_to_the_unshifted_embedding(tmp_path) -> None:
     import pytest
 
