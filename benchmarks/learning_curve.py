@@ -16,8 +16,9 @@ after it has finished. Nothing reads LFW during a run and nothing is chosen on i
 The results JSON is the study's memory: a (row, budget, seed) already in it with the same overrides is not run
 again, even when its run directory is gone, so commit it as rows finish and a later session continues. A finished
 run directory of the same config is reused; an interrupted one continues from its last checkpoint with
-``--resume``. Beside ``--results`` (same stem): the table (``.md``), the curve (``.png``), and for the largest
-budget of each row the LFW ROC (``_roc.png``) and the angles to the teacher's class centres (``_angles_ROW.png``).
+``--resume``. Beside ``--results`` (same stem): the table (``.md``), the curve (``.png``), and for each row at its
+budget with the most seeds (the final rows' budget; ties go to the largest) the LFW ROC (``_roc.png``) and the
+angles to the teacher's class centres (``_angles_ROW.png``).
 """
 
 from __future__ import annotations
@@ -274,8 +275,23 @@ def paired_baseline(report: dict[str, Any], rows: list[str]) -> str:
     names = list(dict.fromkeys(entry["row"] for entry in report["runs"].values()))
     if "arcface" in names:
         return "arcface"
-    arcface_rows = [name for name in names if study.ROWS[name].get("method", {}).get("name") == "arcface"]
+    # Each entry's stored overrides, not today's ROWS: an old results file may hold a row renamed since.
+    arcface_rows = [
+        entry["row"]
+        for entry in report["runs"].values()
+        if entry.get("overrides", {}).get("method", {}).get("name") == "arcface"
+    ]
     return arcface_rows[0] if arcface_rows else rows[0]
+
+
+def plotted_runs(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """For each row, the runs its ROC and angle histogram show: the budget with the most seeds (a final row's
+    budget, chosen on val), ties going to the largest budget."""
+    chosen: dict[str, list[dict[str, Any]]] = {}
+    for (row, _), entries in aggregate(report).items():  # budgets ascend, so ">=" keeps the larger on a tie
+        if len(entries) >= len(chosen.get(row, [])):
+            chosen[row] = entries
+    return chosen
 
 
 def write_outputs(report: dict[str, Any], args: argparse.Namespace, stem: Path) -> None:
@@ -283,16 +299,15 @@ def write_outputs(report: dict[str, Any], args: argparse.Namespace, stem: Path) 
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot_curve(report, teacher_test_accuracy(args), Path(f"{stem}.png"))
-    largest: dict[str, list[dict[str, Any]]] = {}
-    for (row, _), entries in aggregate(report).items():
-        largest[row] = entries  # budgets ascend: the last one kept is the largest
+    plotted = plotted_runs(report)
     curves = {
         f"{row} {entry['budget_epochs']:g} ep seed {entry['seed']}": VerificationResult.from_dict(entry["test"])
-        for row, entries in largest.items()
+        for row, entries in plotted.items()
         for entry in entries
     }
-    plot_roc(curves, Path(f"{stem}_roc.png"), f"{report['test_name']}, largest budget of each row (last checkpoint)")
-    for row, entries in largest.items():
+    title = f"{report['test_name']}, each row at its budget with the most seeds (last checkpoint)"
+    plot_roc(curves, Path(f"{stem}_roc.png"), title)
+    for row, entries in plotted.items():
         angles = {
             f"{row} {entry['budget_epochs']:g} ep seed {entry['seed']}": np.array(entry["angles"]) for entry in entries
         }

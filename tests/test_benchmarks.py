@@ -136,7 +136,10 @@ def test_learning_curve_pairs_an_ablation_file_against_its_arcface_row() -> None
     curve = load_benchmark("learning_curve")
 
     def report(*rows: str) -> dict:
-        return {"runs": {f"{row}_16ep_seed0": {"row": row} for row in rows}}
+        method = {row: "arcface" if row.startswith("arcface") else "margin_distillation" for row in rows}
+        return {
+            "runs": {f"{row}_16ep_seed0": {"row": row, "overrides": {"method": {"name": method[row]}}} for row in rows}
+        }
 
     # The ablation file holds no plain arcface: MD rows pair against ArcFace under the same data, whatever the order.
     assert curve.paired_baseline(report("md_centred_kd_shift4", "arcface_shift4"), ["md_centred_kd_shift4"]) == (
@@ -144,6 +147,23 @@ def test_learning_curve_pairs_an_ablation_file_against_its_arcface_row() -> None
     )
     assert curve.paired_baseline(report("arcface_shift4", "arcface", "md"), ["md"]) == "arcface"
     assert curve.paired_baseline(report("md", "md_centred_kd"), ["md_centred_kd"]) == "md_centred_kd"
+    # The method comes from the stored overrides: a row no longer in ROWS still finds its ArcFace row.
+    assert curve.paired_baseline(report("md_old", "arcface_renamed"), ["md_old"]) == "arcface_renamed"
+
+
+def test_learning_curve_plots_each_row_at_its_budget_with_the_most_seeds() -> None:
+    curve = load_benchmark("learning_curve")
+    runs = [("md", 16, 0), ("md", 16, 1), ("md", 36, 0), ("arcface", 8, 0), ("arcface", 16, 0)]
+    report = {
+        "runs": {
+            f"{row}_{budget}ep_seed{seed}": {"row": row, "budget_epochs": budget, "seed": seed}
+            for row, budget, seed in runs
+        }
+    }
+    plotted = curve.plotted_runs(report)
+    # Two seeds at 16 epochs outweigh one at 36; a tie of single seeds goes to the larger budget.
+    assert [(entry["budget_epochs"], entry["seed"]) for entry in plotted["md"]] == [(16, 0), (16, 1)]
+    assert [(entry["budget_epochs"], entry["seed"]) for entry in plotted["arcface"]] == [(16, 0)]
 
 
 def test_teacher_shift_invariance_compares_each_view_to_the_unshifted_embedding(tmp_path) -> None:
