@@ -272,15 +272,11 @@ def teacher_test_accuracy(args: argparse.Namespace) -> float | None:
 def paired_baseline(report: dict[str, Any], rows: list[str]) -> str:
     """The row every other is paired against: plain ArcFace where the report has it, else its first ArcFace row
     (an ablation file compares against ArcFace under the same data), else the first row asked for."""
-    names = list(dict.fromkeys(entry["row"] for entry in report["runs"].values()))
-    if "arcface" in names:
+    runs = report["runs"].values()
+    if any(entry["row"] == "arcface" for entry in runs):
         return "arcface"
     # Each entry's stored overrides, not today's ROWS: an old results file may hold a row renamed since.
-    arcface_rows = [
-        entry["row"]
-        for entry in report["runs"].values()
-        if entry.get("overrides", {}).get("method", {}).get("name") == "arcface"
-    ]
+    arcface_rows = [entry["row"] for entry in runs if entry["overrides"].get("method", {}).get("name") == "arcface"]
     return arcface_rows[0] if arcface_rows else rows[0]
 
 
