@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -131,11 +130,12 @@ def _rank_measurement(rank: int, world: int, job: dict) -> dict[str, object]:
     )
 
 
-def _worker(rank: int, world: int, port: int, job: dict, out: str) -> None:
+def _worker(rank: int, world: int, job: dict, out: str) -> None:
     result: dict[str, object] = {"rank": rank}
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        # A file in the world's own directory: no port to probe, so none that another program can take first.
+        dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
         result.update(_rank_measurement(rank, world, job))
         # The heads hold the process group; gloo aborts the process ("terminate called without an active
         # exception") when they outlive it, so they are gone (the measurement returned) before it is destroyed.
@@ -147,22 +147,10 @@ def _worker(rank: int, world: int, port: int, job: dict, out: str) -> None:
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def measure(job: dict, world: int, attempts: int = 2) -> dict:
-    """One head on ``world`` processes; a start that lost its port to another program is retried once."""
-    try:
-        return _measure(job, world)
-    except RuntimeError as error:
-        if attempts > 1 and "address already in use" in str(error).lower():
-            return measure(job, world, attempts - 1)
-        raise
-
-
-def _measure(job: dict, world: int) -> dict:
-    with tempfile.TemporaryDirectory() as out, socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        sock.close()
-        mp.start_processes(_worker, args=(world, port, job, out), nprocs=world, join=True, start_method="spawn")
+def measure(job: dict, world: int) -> dict:
+    """One head on ``world`` processes."""
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(_worker, args=(world, job, out), nprocs=world, join=True, start_method="spawn")
         ranks = [json.loads(Path(out, f"rank{rank}.json").read_text()) for rank in range(world)]
     errors = [r["error"] for r in ranks if "error" in r]
     if errors:

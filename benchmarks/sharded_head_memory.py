@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -55,11 +54,11 @@ def _frozen_head(num_classes: int, dim: int, rank: int, world: int, generator: t
     return ShardedMarginHead(num_classes, dim, scale=64.0, m2=0.2, learnable=False, local_centres=centres)
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _worker(rank: int, world: int, rendezvous: str, args: argparse.Namespace, out_dir: str) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
+    dist.init_process_group(
+        "gloo", init_method=rendezvous, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600)
+    )
     try:
         generator = torch.Generator().manual_seed(rank)
         rss_before = _status_kib("VmRSS")
@@ -80,7 +79,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir:
         for step in range(args.steps + 1):
             dist.barrier()
             tick = time.perf_counter()
-            head(embeddings, labels, margins).backward()
+            head(embeddings, labels, margins)["margin"].backward()
             dist.barrier()
             if step:  # the first step warms up the allocator and thread pools
                 times.append(time.perf_counter() - tick)
@@ -100,14 +99,11 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def run_world(world: int, args: argparse.Namespace, out_dir: str) -> list[dict]:
-    mp.start_processes(_worker, args=(world, _free_port(), args, out_dir), nprocs=world, join=True)
+    # A file of the world's own: no port to probe, so none that another program can take first.
+    with tempfile.TemporaryDirectory() as meeting:
+        rendezvous = f"file://{meeting}/rendezvous"
+        mp.start_processes(_worker, args=(world, rendezvous, args, out_dir), nprocs=world, join=True)
     return [json.loads(Path(out_dir, f"world{world}_rank{r}.json").read_text()) for r in range(world)]
 
 

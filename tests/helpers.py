@@ -5,18 +5,17 @@ from __future__ import annotations
 import datetime
 import gc
 import json
-import socket
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from facedistill.data.synthetic import write_identity_folders, write_pairs_tsv
 from facedistill.teachers.base import Preprocessing, Teacher
+from tests.multiprocess import spawn_world
 
 
 class ProjectionTeacher(Teacher):
@@ -49,25 +48,21 @@ def make_face_folders(root: Path, identities: int = 6, images: int = 6, test_ide
     return train, pairs
 
 
-def gloo_world(rank_results: Callable[[int], dict], world_size: int, out_dir: Path) -> list[dict]:
-    """Run ``rank_results(rank)`` (a module-level function) in a spawned gloo world of ``world_size`` CPU processes;
-    return each rank's dict, failing with every rank's traceback if one raised."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    args = (rank_results, world_size, port, str(out_dir))
-    mp.start_processes(_gloo_rank, args=args, nprocs=world_size, join=True, start_method="spawn")
+def gloo_world(
+    rank_results: Callable[[int], dict], world_size: int, out_dir: Path, timeout_s: float = 180
+) -> list[dict]:
+    """Run ``rank_results(rank)`` (a module-level function) in a spawned gloo world of ``world_size`` CPU processes
+    (``tests.multiprocess.spawn_world``: a held store, stacks on a timeout); return each rank's dict, failing with
+    every rank's traceback if one raised."""
+    spawn_world(_gloo_rank, (rank_results, str(out_dir)), world_size, out_dir, timeout_s)
     results = [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(world_size)]
     errors = [result["error"] for result in results if "error" in result]
     assert not errors, "\n".join(errors)
     return results
 
 
-def _gloo_rank(rank: int, rank_results: Callable[[int], dict], world_size: int, port: int, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-        timeout=datetime.timedelta(seconds=60),
-    )  # fmt: skip
+def _gloo_rank(rank: int, ports: list[int], rank_results: Callable[[int], dict], out_dir: str) -> None:
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     try:
         results = rank_results(rank)
     except Exception:  # reported by the test, with the rank's traceback

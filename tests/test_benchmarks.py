@@ -44,14 +44,15 @@ def test_loader_speed_runs_on_generated_faces(tmp_path, capsys) -> None:
 
 def test_partial_fc_scale_runs_both_heads_at_tiny_scale(tmp_path) -> None:
     import json
-    import subprocess
 
     import pytest
+
+    from tests.multiprocess import run_command
 
     if not (BENCHMARKS.parents[1] / "shared" / "upstream" / "arcface_torch").is_dir():
         pytest.skip("upstream arcface_torch not found in ../shared beside the repository")
     argv = ["--classes", "3000", "--dim", "16", "--batch", "4", "--steps", "1", "--out", str(tmp_path)]
-    subprocess.run([sys.executable, str(BENCHMARKS / "partial_fc_scale.py"), *argv], check=True, timeout=300)
+    run_command([sys.executable, str(BENCHMARKS / "partial_fc_scale.py"), *argv], timeout=300)
     summary = json.loads((tmp_path / "results.json").read_text())
     kinds = {(row["kind"], row["sample_rate"], row["world"]) for row in summary["rows"]}
     assert {("margin_distillation", 0.1, 2), ("arcface", 1.0, 2), ("margin_distillation", 1.0, 1)} <= kinds

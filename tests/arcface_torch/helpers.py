@@ -1,13 +1,14 @@
-"""Helpers of the arcface_torch plugin tests: where ../shared is, running commands, free ports."""
+"""Helpers of the arcface_torch plugin tests: where ../shared is, running commands under torchrun."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.multiprocess import run_command
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 UPSTREAM = SHARED / "upstream" / "arcface_torch"
@@ -18,22 +19,12 @@ TINY_PAIRS = 40
 
 
 def run(args: list[str], cwd: Path, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """A command in ``cwd`` with the test's Python first on PATH (torchrun, facedistill)."""
+    """A command in ``cwd`` with the test's Python first on PATH (torchrun, facedistill), through
+    ``tests.multiprocess.run_command``: on a timeout, every process it started dumps its stacks into the failure."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("OMP_NUM_THREADS", "1")
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-        )
-    return result
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return run_command(args, cwd=cwd, timeout=timeout, env=env, check=check)
 
 
 def facedistill(*args: str) -> list[str]:
@@ -41,16 +32,9 @@ def facedistill(*args: str) -> list[str]:
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_port",
-        str(free_port()),
-        *args,
-    ]
+    """torchrun on one machine; ``--standalone`` binds its rendezvous store on port 0 and holds it, so no port is
+    probed and taken by another process before the launcher binds it."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
 
 
 def copy_upstream(destination: Path) -> Path:

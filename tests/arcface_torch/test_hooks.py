@@ -6,7 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from tests.arcface_torch.helpers import copy_upstream, free_port, run
+from tests.arcface_torch.helpers import copy_upstream, run
+from tests.multiprocess import file_rendezvous
 
 # Runs in a fresh interpreter (it initialises a process group and shims Tensor.cuda for the unpatched module):
 # the unpatched upstream PartialFC_V2 + CombinedMarginLoss, on CPU through a .cuda() that returns the tensor
@@ -17,8 +18,8 @@ import torch
 import torch.distributed as dist
 from easydict import EasyDict as edict
 
-upstream, patched, port = sys.argv[1], sys.argv[2], sys.argv[3]
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+upstream, patched, rendezvous = sys.argv[1], sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method=rendezvous, rank=0, world_size=1)
 
 def load(root, name):
     spec = importlib.util.spec_from_file_location(f"{name}_{abs(hash(root))}", f"{root}/{name}.py")
@@ -62,7 +63,7 @@ def test_without_config_loss_the_patched_head_is_the_frameworks_own(upstream: Pa
     run([sys.executable, "-m", "facedistill.cli", "arcface-torch", "patch", str(patched)], cwd=tmp_path)
     script = tmp_path / "compare.py"
     script.write_text(SCRIPT)
-    result = run([sys.executable, str(script), str(upstream), str(patched), str(free_port())], cwd=tmp_path)
+    result = run([sys.executable, str(script), str(upstream), str(patched), file_rendezvous(tmp_path)], cwd=tmp_path)
     values = json.loads(result.stdout.strip().splitlines()[-1])
     for rate in ("1.0", "0.5"):
         framework, patched_run = values[f"framework/{rate}"], values[f"patched/{rate}"]

@@ -1,16 +1,15 @@
 import math
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from facedistill.config import ConfigError
 from facedistill.distill import MethodContext, create_method
 from facedistill.distill.adadistill import _class_sums, adaptive_alpha, update_centres
+from tests.multiprocess import spawn_world
 
 
 def _context(centres: torch.Tensor) -> MethodContext:
@@ -100,30 +99,24 @@ LABELS = torch.tensor([0, 0, 1, 0, 2])
 SHARDS = [[0, 1, 2], [3, 4]]  # unequal batch sizes on purpose
 
 
-def _worker(rank: int, store: str, out: str) -> None:
-    # A forked child must not enter the parent's OpenMP pool (it can hang); one thread is plenty here.
+def _update_once(rank: int, out: str) -> None:
+    method = create_method({"name": "adadistill"}, _context(CENTRES))
+    rows = SHARDS[rank]
+    method(STUDENT[rows], LABELS[rows], TEACHER[rows])
+    torch.save(method.head.weight.clone(), f"{out}/rank{rank}.pt")
+
+
+def _worker(rank: int, ports: list[int], out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    dist.init_process_group("gloo")
     try:
-        method = create_method({"name": "adadistill"}, _context(CENTRES))
-        rows = SHARDS[rank]
-        method(STUDENT[rows], LABELS[rows], TEACHER[rows])
-        torch.save(method.head.weight.clone(), f"{out}/rank{rank}.pt")
+        _update_once(rank, out)  # returns before the group goes, with everything that used it
     finally:
         dist.destroy_process_group()
 
 
 def test_two_processes_apply_one_identical_update_from_the_union_of_their_samples(tmp_path: Path) -> None:
-    # fork: pytest's importlib mode leaves this module unimportable by name in a spawned interpreter.
-    context = mp.start_processes(
-        _worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=False, start_method="fork"
-    )
-    deadline = time.monotonic() + 60
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the two gloo ranks did not finish within 60 s")
+    spawn_world(_worker, (str(tmp_path),), 2, tmp_path, timeout_s=120)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     single = CENTRES.clone()
     update_centres(single, STUDENT, TEACHER, LABELS)

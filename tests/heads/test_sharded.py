@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import socket
-import time
 import traceback
 from collections.abc import Callable, Iterator
 from itertools import product
@@ -19,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -34,8 +30,8 @@ from facedistill.heads.sharded import (
     shard_tensor,
     unshard_optimizer_state,
 )
+from tests.multiprocess import spawn_world
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
 C, D, B_LOCAL, IN = 7, 4, 3, 5  # 7 classes over 2 ranks: [0, 4) and [4, 7)
 # Rank 0's images all belong to rank 1's classes, rank 1's to both; class 5 appears on both ranks.
@@ -244,13 +240,9 @@ def _cases(solo: object) -> dict[str, Callable[[int], None]]:
     return cases
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _worker(rank: int, ports: list[int], out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
-    )
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     results: dict[str, str] = {}
     try:
         # new_group is collective: every rank creates every one-rank group, then keeps its own.
@@ -266,29 +258,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dict[int, str]]]:
     out_dir = tmp_path_factory.mktemp("sharded")
-    with pytest.MonkeyPatch.context() as patch:
-        # The spawned interpreters import this module by name (tests.heads.test_sharded); spawn hands them the
-        # parent's sys.path, which pytest's importlib mode leaves without the repository root.
-        patch.syspath_prepend(str(REPO_ROOT))
-        context = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False)
-        deadline = time.monotonic() + JOIN_TIMEOUT_S
-        try:
-            while not context.join(timeout=1.0):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the two-rank world did not finish in {JOIN_TIMEOUT_S:.0f} s (deadlock?)")
-        finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
+    spawn_world(_worker, (str(out_dir),), WORLD, out_dir, JOIN_TIMEOUT_S)
     per_rank = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
     yield {name: {r: per_rank[r].get(name, "not run") for r in range(WORLD)} for name in per_rank[0]}
 

@@ -12,35 +12,36 @@ backbone on two CPU processes normalises with per-process statistics and cannot 
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from facedistill.config import load_config
 from facedistill.data.datasets import ImageFolderDataset
+from facedistill.heads.partial_fc import FrozenPartialFC
+from facedistill.heads.sharded import ShardedMarginHead
 from facedistill.models.registry import BACKBONES
 from facedistill.teachers.cache import build_teacher_cache
 from facedistill.train.checkpoint import load_checkpoint
+from facedistill.train.distributed import Distributed
 from facedistill.train.loop import train
 from tests.helpers import ProjectionTeacher, make_face_folders
+from tests.multiprocess import spawn_world
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
 STEPS, RESUME_AT = 6, 3  # 5 steps per epoch: the runs cross an epoch boundary
-JOIN_TIMEOUT_S = 300.0  # two fresh interpreters importing torch on a loaded 2-core machine, then four short runs
+JOIN_TIMEOUT_S = 240.0  # two fresh interpreters importing torch on a loaded 2-core machine, then four short runs
 TOL = {"atol": 1e-6, "rtol": 1e-5}
 TINY = "tiny-test"
 
@@ -117,13 +118,25 @@ def _constant(data: dict[str, Path], run_dir: Path, steps: int) -> list[str]:
 Job = tuple[str, list[str], bool, int]  # name, config overrides, resume, the step it must end at
 
 
+def _holders_of_the_group() -> list[str]:
+    """The live objects that hold the process group (DDP's reducer, sharded heads): none may outlive it."""
+    kinds = (nn.parallel.DistributedDataParallel, ShardedMarginHead, FrozenPartialFC)
+    return sorted(type(o).__name__ for o in gc.get_objects() if issubclass(type(o), kinds))
+
+
 def _worker(rank: int, ports: list[int], jobs: list[Job], out_dir: str) -> None:
     torch.set_num_threads(1)
-    # What torchrun sets; MASTER_PORT changes per job, as each train() makes and destroys its own process group.
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "RANK": str(rank), "LOCAL_RANK": str(rank)})
-    os.environ["WORLD_SIZE"] = str(WORLD)
     results: dict[str, str] = {}
+    destroy = Distributed.close
+
+    def close_checking_holders(self: Distributed) -> None:
+        if self.owns_group and (holders := _holders_of_the_group()):
+            raise AssertionError(f"the process group is destroyed while {holders} still hold it")
+        destroy(self)
+
+    Distributed.close = close_checking_holders  # type: ignore[method-assign]
     for (name, settings, resume, steps), port in zip(jobs, ports, strict=True):
+        # Each train() makes and destroys its own process group, so each meets at a store of its own.
         os.environ["MASTER_PORT"] = str(port)
         try:
             summary = train(load_config(None, settings), resume=resume, progress=False)
@@ -132,19 +145,8 @@ def _worker(rank: int, ports: list[int], jobs: list[Job], out_dir: str) -> None:
             results[name] = traceback.format_exc()
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
         if results[name]:
-            # Exit non-zero: the parent then stops the other rank, which waits in a collective of this job.
+            # Exit non-zero: the harness then stops the other rank, which waits in a collective of this job.
             raise RuntimeError(f"job {name} failed on rank {rank}")
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for probe in sockets:
-            probe.bind(("127.0.0.1", 0))
-        return [probe.getsockname()[1] for probe in sockets]
-    finally:
-        for probe in sockets:
-            probe.close()
 
 
 @pytest.fixture(scope="module")
@@ -170,27 +172,11 @@ def two_processes(data: dict[str, Path]) -> Iterator[dict[str, Path]]:
         ("resume-1-to-2", _constant(data, runs["arc1_k_to_2"], STEPS), True, STEPS),
     ]
     out_dir = root / "world"
-    out_dir.mkdir()
-    with pytest.MonkeyPatch.context() as patch:
-        # The spawned interpreters import this module by name (tests.train.test_distributed) from the parent's
-        # sys.path, which pytest's importlib mode leaves without the repository root.
-        patch.syspath_prepend(str(REPO_ROOT))
-        context = mp.start_processes(
-            _worker, args=(_free_ports(len(jobs)), jobs, str(out_dir)), nprocs=WORLD, join=False
-        )
-        deadline = time.monotonic() + JOIN_TIMEOUT_S
-        failure = ""
-        try:
-            while not context.join(timeout=1.0):
-                if time.monotonic() > deadline:
-                    failure = f"the two-process world did not finish in {JOIN_TIMEOUT_S:.0f} s (deadlock?)"
-                    break
-        except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
-            failure = str(error)
-        finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
+    failure = ""
+    try:
+        spawn_world(_worker, (jobs, str(out_dir)), WORLD, out_dir, JOIN_TIMEOUT_S, stores=len(jobs))
+    except pytest.fail.Exception as error:
+        failure = str(error)
     per_rank = [_read_json(out_dir / f"rank{r}.json") for r in range(WORLD)]
     errors = {f"{name} (rank {r})": error for r in range(WORLD) for name, error in per_rank[r].items() if error}
     assert not failure and not errors, "\n".join([failure, *(f"{key}:\n{error}" for key, error in errors.items())])

@@ -1,4 +1,6 @@
+import gc
 import json
+import weakref
 
 import pytest
 
@@ -6,6 +8,7 @@ from facedistill.config import load_config
 from facedistill.data.datasets import ImageFolderDataset
 from facedistill.teachers.cache import build_teacher_cache
 from facedistill.train import loop as loop_module
+from facedistill.train.distributed import Distributed
 from facedistill.train.loop import train
 from tests.helpers import ProjectionTeacher, make_face_folders
 
@@ -160,3 +163,26 @@ def test_decoded_cache_trains_exactly_like_the_image_files(tmp_path, faces) -> N
     cached = torch.load(tmp_path / "cached" / "last.pt", weights_only=True)["model"]
     for key, value in files.items():
         assert torch.equal(value, cached[key]), key
+
+
+def test_a_failed_run_lets_go_of_its_model_before_the_process_group_is_destroyed(tmp_path, faces, monkeypatch) -> None:
+    """DDP's reducer and sharded heads hold the process group, and gloo aborts the process when one outlives it:
+    ``train`` destroys the group only after a run that raised has released them (its frames' locals cleared)."""
+    train_dir, pairs = faces
+    model: list[weakref.ref] = []
+    alive_at_close: list[bool] = []
+
+    class RecordingGroup(Distributed):
+        def close(self) -> None:
+            gc.collect()  # as the real close does before destroying the group
+            alive_at_close.append(model[0]() is not None)
+
+    def fail_in_the_first_epoch(run) -> None:
+        model.append(weakref.ref(run.model))
+        raise RuntimeError("a rank failed mid-epoch")
+
+    monkeypatch.setattr(loop_module, "init_distributed", lambda device: (RecordingGroup(owns_group=True), device))
+    monkeypatch.setattr(loop_module, "train_epoch", fail_in_the_first_epoch)
+    with pytest.raises(RuntimeError, match="a rank failed mid-epoch"):
+        train(_config(tmp_path, train_dir, pairs, "failed", "train.max_steps=2"), progress=False)
+    assert alive_at_close == [False]

@@ -20,6 +20,7 @@ is inert.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -85,7 +86,11 @@ class Distributed:
         return packed[:-1] / self.world_size, int(round(float(packed[-1])))
 
     def close(self) -> None:
+        """Destroy the process group ``init_distributed`` created. DDP's reducer and sharded heads hold it, and
+        gloo aborts the process when one outlives it ("terminate called without an active exception"): the caller
+        lets go of them first, and a collection here frees those that sit in reference cycles."""
         if self.owns_group and dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()
 
 

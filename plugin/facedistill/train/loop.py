@@ -16,6 +16,7 @@ import math
 import random
 import shutil
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,16 +189,27 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> RunSum
     validate_config(config)
     env, device = init_distributed(resolve_device(config.run.device))
     try:
-        run = set_up(config, env, device)
-        # Rank 0 decides, so that no rank resumes while another starts afresh.
-        if env.broadcast_flag(resume and env.is_main and (run.run_dir / LAST).exists(), device):
-            restore(run)
-        start(run, progress)
-        while run.step < run.total_steps:
-            train_epoch(run)
-        return finish(run, progress)
+        return _train(config, env, device, resume, progress)
+    except BaseException as error:
+        # The failed run's frames hold its DDP reducer and sharded heads, which hold the process group: let them go
+        # with the frames' locals (the traceback keeps its lines), so that nothing outlives the group below.
+        traceback.clear_frames(error.__traceback__)
+        raise
     finally:
         env.close()
+
+
+def _train(config: Config, env: Distributed, device: torch.device, resume: bool, progress: bool) -> RunSummary:
+    """The run itself, in a frame of its own: when it returns, its ``Run`` (DDP, sharded heads) is gone before
+    ``train`` destroys the process group that they hold."""
+    run = set_up(config, env, device)
+    # Rank 0 decides, so that no rank resumes while another starts afresh.
+    if env.broadcast_flag(resume and env.is_main and (run.run_dir / LAST).exists(), device):
+        restore(run)
+    start(run, progress)
+    while run.step < run.total_steps:
+        train_epoch(run)
+    return finish(run, progress)
 
 
 @dataclass
