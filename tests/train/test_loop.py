@@ -3,11 +3,13 @@ import json
 import weakref
 
 import pytest
+import torch
 
 from facedistill.config import load_config
 from facedistill.data.datasets import ImageFolderDataset
 from facedistill.teachers.cache import build_teacher_cache
 from facedistill.train import loop as loop_module
+from facedistill.train.checkpoint import load_checkpoint
 from facedistill.train.distributed import Distributed
 from facedistill.train.loop import train
 from tests.helpers import ProjectionTeacher, make_face_folders
@@ -186,3 +188,22 @@ def test_a_failed_run_lets_go_of_its_model_before_the_process_group_is_destroyed
     with pytest.raises(RuntimeError, match="a rank failed mid-epoch"):
         train(_config(tmp_path, train_dir, pairs, "failed", "train.max_steps=2"), progress=False)
     assert alive_at_close == [False]
+
+
+def test_resume_reads_the_checkpoint_on_the_host_whatever_device_the_run_trains_on(tmp_path, faces) -> None:
+    """On CUDA, a checkpoint loaded onto the run's device brings the CPU RNG state and AdamW's step counters to the
+    GPU, and ``torch.set_rng_state`` refuses a non-CPU state. A run whose device stands for an accelerator ("meta":
+    nothing on it can be read back) must still restore: the checkpoint is read on the host."""
+    train_dir, pairs = faces
+    settings = ("train.max_steps=2", "optim.name=adamw", "optim.lr=0.001")
+    config = _config(tmp_path, train_dir, pairs, "resumed", *settings)
+    train(config, progress=False)
+    run = loop_module.set_up(config, Distributed(), torch.device("cpu"))
+    run.device = torch.device("meta")  # where load_checkpoint(..., run.device) would put every tensor on a GPU
+    loop_module.restore(run)
+    saved = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert run.step == 2 and torch.equal(torch.get_rng_state(), saved["rng"])
+    for key, value in saved["model"].items():
+        assert torch.equal(run.model.state_dict()[key], value), key
+    steps = [state["step"] for state in run.optimizer.state_dict()["state"].values()]
+    assert steps and all(step.device.type == "cpu" and int(step) == 2 for step in steps)

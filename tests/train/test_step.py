@@ -108,3 +108,25 @@ def test_teacher_offset_is_subtracted_from_the_normalised_rows() -> None:
     _, teacher = method.seen[0]
     raw = TwoViewCache().rows(batch.indices)
     torch.testing.assert_close(teacher, F.normalize(raw, dim=1) - offset)
+
+
+def test_the_loaders_batch_goes_to_the_device_itself_not_a_host_copy_of_it(monkeypatch) -> None:
+    """On a GPU run the loader's batch is in pinned memory, and only a copy from it is asynchronous: a host-side
+    clone first (for the flip or the shift) would make every step's transfer unpinned and synchronous. The step
+    hands the batch tensor itself to the device copy, and leaves it unchanged."""
+    copied: list[int] = []
+    to = torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        if self.dtype == torch.uint8 and self.dim() == 4:
+            copied.append(self.data_ptr())
+        return to(self, *args, **kwargs)
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 8))
+    train_step = _step(RecordingMethod(), model, memory_format=torch.contiguous_format, shift=2)
+    batch = _batch()
+    original = batch.images.clone()
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    train_step(batch, step=5)  # this seed mirrors some of the images (see the test above)
+    assert copied[:1] == [batch.images.data_ptr()]
+    assert torch.equal(batch.images, original)

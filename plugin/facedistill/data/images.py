@@ -68,10 +68,10 @@ def random_horizontal_flip(
     """
     total, rows = _share_of_batch(images, global_batch, offset)
     flipped = (torch.rand(total, generator=generator) < p)[rows]
-    if flipped.any():
-        images = images.clone()
-        images[flipped] = images[flipped].flip(-1)
-    return images, flipped
+    # The mask is drawn on the host (the same draws on every device); selecting with it where the batch lives,
+    # rather than indexing by it, needs no device-to-host sync and never writes into the caller's batch.
+    where = flipped.to(images.device, non_blocking=True).view(-1, *([1] * (images.dim() - 1)))
+    return torch.where(where, images.flip(-1), images), flipped
 
 
 def random_shift(

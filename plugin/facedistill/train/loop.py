@@ -331,7 +331,10 @@ def open_data(config: Config, env: Distributed) -> tuple[FaceDataset, int, int, 
 
 def restore(run: Run) -> None:
     """Continue from the run directory's last checkpoint (every rank: each keeps only its shard of the head)."""
-    state = load_checkpoint(run.run_dir / LAST, "cpu" if run.env.enabled else run.device)
+    # On the host, whatever the run trains on: loading onto a GPU would move the CPU RNG state there (which
+    # torch.set_rng_state refuses) and the optimiser's step counters too; load_state_dict moves the weights and
+    # the optimiser state to their parameters' device.
+    state = load_checkpoint(run.run_dir / LAST, "cpu")
     method_state, optimizer_state = shard_training_state(run.method, run.optimizer, state["method"], state["optimizer"])
     run.model.load_state_dict(state["model"])
     run.method.load_state_dict(method_state)

@@ -95,7 +95,10 @@ class TrainStep:
         batch_skipped = batch.skipped
         if env.enabled:
             batch = pad_batch(batch, self.rank_batch)
-        images, labels = batch.images, batch.labels
+        # Straight from the loader's (pinned, on a GPU run) batch to the device, then flipped and shifted there: a
+        # host-side copy first would leave the transfer unpinned and synchronous.
+        images = batch.images.to(self.device, non_blocking=True)
+        labels = batch.labels
         mirrored = None
         # Drawn for the global batch and sliced, so each image flips and shifts as it would on one process; the
         # shift draws after the flip, so a run without it flips exactly as before.
@@ -110,7 +113,7 @@ class TrainStep:
             rows = mirrored if self.mirror_rows and self.method.mirror_rows else None
             teacher = self.cache.rows(batch.indices, rows, self.teacher_offset)
             teacher = teacher.to(self.device, non_blocking=True)
-        images = normalise(images.to(self.device, non_blocking=True)).contiguous(memory_format=self.memory_format)
+        images = normalise(images).contiguous(memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
 
         self.method.set_progress(step, step / self.steps_per_epoch)
