@@ -129,6 +129,65 @@ def test_refusals_are_facedistills_input_errors_and_bugs_keep_their_traceback() 
         assert refusals.is_refusal(error)
 
 
+# NCCL's words for a collective that broke because another rank went away, as torch 2.x's ProcessGroupNCCL raises
+# them (``DistBackendError``, a RuntimeError) or as they reach Python from a work's ``wait()``.
+NCCL_LOST_PEER = [
+    torch.distributed.DistBackendError(
+        "NCCL error in: /pytorch/torch/csrc/distributed/c10d/NCCLUtils.hpp:317, remote process exited or there was "
+        "a network error, NCCL version 2.21.5\nncclRemoteError: A call failed possibly due to a network error or a "
+        "remote process exiting prematurely.\nLast error:\nsocket recv failed"
+    ),
+    torch.distributed.DistBackendError(
+        "NCCL error in: ../torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:1275, unhandled system error (run with "
+        "NCCL_DEBUG=INFO for details), NCCL version 2.14.3\nncclSystemError: System call (e.g. socket, malloc) or "
+        "external library call failed or device error. It can be also caused by unexpected exit of a remote peer."
+    ),
+    torch.distributed.DistBackendError(
+        "[Rank 1] NCCL communicator was aborted on rank 1. Original reason for failure was: [Rank 1] Watchdog caught "
+        "collective operation timeout: WorkNCCL(SeqNum=12, OpType=ALLREDUCE, NumelIn=1, NumelOut=1, "
+        "Timeout(ms)=600000) ran for 600046 milliseconds before timing out."
+    ),
+    torch.distributed.DistBackendError(
+        "[PG ID 0 PG GUID 0(default_pg) Rank 3] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7, "
+        "OpType=_ALLGATHER_BASE, NumelIn=512, NumelOut=4096, Timeout(ms)=1800000) ran for 1800089 milliseconds "
+        "before timing out."
+    ),
+    RuntimeError(
+        "[Rank 0] Some NCCL operations have failed or timed out. Due to the asynchronous nature of CUDA kernels, "
+        "subsequent GPU operations might run on corrupted/incomplete data."
+    ),
+    RuntimeError("NCCL communicator was aborted on rank 2."),
+    RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:46071"),
+    torch.distributed.DistNetworkError("failed to recv, got 0 bytes; Connection reset by peer"),
+    torch.distributed.DistNetworkError(
+        "Failed to recv, got 0 bytes. Connection was likely closed. Did the remote server shutdown or crash?"
+    ),
+]
+
+
+@pytest.mark.parametrize("error", NCCL_LOST_PEER, ids=lambda error: str(error)[:40])
+def test_nccls_words_for_a_lost_peer_are_recognised(error: RuntimeError) -> None:
+    assert refusals.lost_a_peer(error)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("CUDA error: an illegal memory access was encountered"),
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied (8x512 and 256x10)"),
+        # NCCL refusing what this rank asked of it is a bug here, not a peer that went away.
+        torch.distributed.DistBackendError(
+            "NCCL error in: ../torch/csrc/distributed/c10d/NCCLUtils.hpp:275, invalid usage (run with NCCL_DEBUG=WARN "
+            "for details), NCCL version 2.21.5\nncclInvalidUsage: This usually reflects invalid usage of NCCL library."
+        ),
+        ValueError("Connection closed by peer"),  # not a collective's error
+    ],
+    ids=lambda error: str(error)[:40],
+)
+def test_other_errors_are_not_a_lost_peer(error: Exception) -> None:
+    assert not refusals.lost_a_peer(error)
+
+
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_report_prints_on_rank_zero_and_fills_every_ranks_error_file(
     rank: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

@@ -342,3 +342,75 @@ def test_processes_of_one_host_share_its_cores(monkeypatch: pytest.MonkeyPatch) 
     assert default_threads() == 4
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
     assert default_threads() == 1
+
+
+# --- GPUs under torchrun, emulated: onnxruntime-gpu puts a session on GPU 0 unless told otherwise ---------------
+
+
+class _RecordedSession:
+    """``onnxruntime.InferenceSession`` that records the providers it was asked for and builds a CPU session."""
+
+    def __init__(self, calls: list[dict[str, object]]) -> None:
+        self.calls = calls
+
+    def __call__(
+        self, model: object, sess_options: object = None, providers: object = None, **kwargs: object
+    ) -> object:
+        self.calls.append({"providers": providers, **kwargs})
+        return _REAL_SESSION(model, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+
+_REAL_SESSION = ort.InferenceSession
+
+
+def _requested(call: dict[str, object]) -> dict[str, dict[str, object]]:
+    """Provider name -> its options, from either form onnxruntime takes (``(name, options)`` pairs in
+    ``providers``, or names with a parallel ``provider_options``)."""
+    providers = list(call["providers"] or [])  # type: ignore[call-overload]
+    options = list(call.get("provider_options") or [{}] * len(providers))  # type: ignore[call-overload]
+    requested = {}
+    for provider, extra in zip(providers, options, strict=True):
+        name, own = provider if isinstance(provider, tuple) else (provider, {})
+        requested[name] = {**own, **extra}
+    return requested
+
+
+@pytest.fixture
+def gpu_sessions(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(
+        ort,
+        "get_available_providers",
+        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+    monkeypatch.setattr(ort, "InferenceSession", _RecordedSession(calls))
+    return calls
+
+
+def test_each_rank_runs_its_onnx_teacher_on_gpu_local_rank(
+    tiny_onnx: Path, gpu_sessions: list[dict[str, object]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    OnnxTeacher(tiny_onnx, Preprocessing("RGB", 127.5, 127.5))
+    assert gpu_sessions
+    for call in gpu_sessions:
+        requested = _requested(call)
+        assert list(requested) == ["CUDAExecutionProvider", "CPUExecutionProvider"], call
+        assert str(requested["CUDAExecutionProvider"].get("device_id")) == "3", call
+
+
+def test_a_device_the_caller_names_wins_and_tensorrt_gets_it_too(
+    tiny_onnx: Path, gpu_sessions: list[dict[str, object]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    OnnxTeacher(tiny_onnx, Preprocessing("RGB", 127.5, 127.5), device="cuda:1", providers=providers)
+    requested = _requested(gpu_sessions[-1])
+    assert list(requested) == providers
+    assert str(requested["TensorrtExecutionProvider"].get("device_id")) == "1"
+    assert str(requested["CUDAExecutionProvider"].get("device_id")) == "1"
+    assert "device_id" not in requested["CPUExecutionProvider"]
+    create_teacher(str(tiny_onnx), preprocessing=Preprocessing("RGB", 127.5, 127.5), device=2)
+    assert str(_requested(gpu_sessions[-1])["CUDAExecutionProvider"].get("device_id")) == "2"
+    OnnxTeacher(tiny_onnx, Preprocessing("RGB", 127.5, 127.5), device="cpu")
+    assert list(_requested(gpu_sessions[-1])) == ["CPUExecutionProvider"]

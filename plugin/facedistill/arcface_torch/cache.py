@@ -4,10 +4,17 @@ The recipe is loaded through the framework's own (patched) ``get_config``, from 
 so relative paths in it (``config.rec``, ``config.teacher_cache``) mean what they mean to ``train_v2.py``. Under
 torchrun every process embeds its share of the records into the same memory-mapped cache (rows are written in
 chunks that any number of processes can later finish), then all wait for each other and rank 0 checks the whole.
+
+The processes need no collective but that one wait, and it comes after hours of work that ends at different times on
+different ranks (equal shares of rows, not of time: a resumed cache, a slower GPU or disk). So they meet in a gloo
+group on the CPU, which NCCL's watchdog (10 minutes by default, then the job is aborted) does not watch, for as
+long as ``wait`` (``--wait-hours``); a rank that dies still ends the wait at once (gloo sees the closed connection,
+and torchrun stops the others). Each process embeds on GPU ``LOCAL_RANK``, bound before any group exists.
 """
 
 from __future__ import annotations
 
+import datetime
 import importlib
 import os
 import sys
@@ -18,10 +25,12 @@ import torch
 import torch.distributed as dist
 
 from facedistill.arcface_torch.data import open_framework_dataset
-from facedistill.arcface_torch.hooks import backend
 from facedistill.arcface_torch.recipe import CACHE_COMMAND, RecipeError, method_name, teacher_cache_dir
 from facedistill.arcface_torch.teacher import create_recipe_teacher
 from facedistill.teachers.cache import TeacherCache, build_teacher_cache
+
+# How long a rank that finished its share waits for the slowest one: long enough for shares that end hours apart.
+DEFAULT_WAIT = datetime.timedelta(hours=24)
 
 
 def load_recipe(config: str, root: str | Path = ".") -> Any:
@@ -41,16 +50,50 @@ def load_recipe(config: str, root: str | Path = ".") -> Any:
     return importlib.import_module("utils.utils_config").get_config(config)
 
 
+def rank_device(local_rank: int) -> str:
+    """The device this process embeds on: GPU ``local_rank``, made the current device (so nothing that follows
+    falls back to GPU 0 or to a guess), or the CPU where there is no GPU."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ValueError(
+            f"LOCAL_RANK={local_rank} but this node has {count} GPU(s): start at most {count} processes per node "
+            "(torchrun --nproc_per_node)"
+        )
+    torch.cuda.set_device(local_rank)
+    return f"cuda:{local_rank}"
+
+
+def join_ranks(wait: datetime.timedelta) -> tuple[dist.ProcessGroup | None, bool]:
+    """The group the ranks meet in after their shares (None: the default group) and whether this call created the
+    default group (and so destroys it). Always gloo: the meeting is a CPU barrier that waits up to ``wait``. A
+    default group someone else made (NCCL, or gloo with its own timeout) is kept, and a gloo group made beside it,
+    now, while every rank is here to make it with."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=wait)
+        return None, True
+    return dist.new_group(backend="gloo", timeout=wait), False
+
+
 def cache_recipe_teacher(
-    config: str, root: str | Path = ".", batch_size: int = 64, workers: int = 2, overwrite: bool = False
+    config: str,
+    root: str | Path = ".",
+    batch_size: int = 64,
+    workers: int = 2,
+    overwrite: bool = False,
+    wait: datetime.timedelta = DEFAULT_WAIT,
 ) -> str:
+    """Embed the recipe's records with its teacher (this rank's share under torchrun); ``wait`` is how long a rank
+    that has finished waits for the others."""
+    if wait <= datetime.timedelta(0):
+        raise ValueError(f"the wait for the other ranks must be positive, got {wait}")
     cfg = load_recipe(config, root)
     if method_name(cfg) is None or not cfg.get("teacher"):
         raise RecipeError(f"{config} sets no facedistill method with a teacher (config.loss, config.teacher)")
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend())
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    device = rank_device(int(os.environ.get("LOCAL_RANK", 0)))
+    group, owns_group = join_ranks(wait) if world_size > 1 else (None, False)
     teacher = create_recipe_teacher(cfg, device=device)
     dataset = open_framework_dataset(cfg.rec)
     directory = teacher_cache_dir(cfg)
@@ -67,9 +110,11 @@ def cache_recipe_teacher(
         command=CACHE_COMMAND,
     )
     if world_size > 1:
-        dist.barrier()
+        dist.barrier(group=group)
     cache = TeacherCache(directory, CACHE_COMMAND)
     cache.check(dataset, teacher.teacher_id)
-    if world_size > 1:
+    if owns_group:
         dist.destroy_process_group()
+    elif group is not None:
+        dist.destroy_process_group(group)
     return f"cached {cache.num_images} records x 2 views of {cache.teacher_id} in {directory}"

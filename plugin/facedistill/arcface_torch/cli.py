@@ -87,18 +87,30 @@ def cache_teacher(
     batch_size: int = 64,
     workers: int = 2,
     overwrite: bool = False,
+    wait_hours: Annotated[
+        float,
+        typer.Option(
+            min=0.0, max=720.0, help="Under torchrun: how long a process that finished its share waits for the others."
+        ),
+    ] = 24.0,
 ) -> None:
     """Embed every record of the recipe's config.rec, and its mirror image, with config.teacher (resumable).
 
-    Under torchrun each process embeds a share of the records; training then reads the rows by record index."""
+    Under torchrun each process embeds a share of the records on GPU LOCAL_RANK; training then reads the rows by
+    record index."""
+    import datetime
+
+    from facedistill.arcface_torch import refusals
     from facedistill.arcface_torch.cache import cache_recipe_teacher
     from facedistill.arcface_torch.recipe import RecipeError
 
+    # What this try does not catch reaches the hook: a refusal of a kind not listed here is still one line, and a
+    # rank whose wait broke because another rank stopped says nothing (the stopped rank holds the error).
+    refusals.install()
     try:
-        message = cache_recipe_teacher(config, root, batch_size, workers, overwrite)
+        wait = datetime.timedelta(hours=wait_hours)
+        message = cache_recipe_teacher(config, root, batch_size, workers, overwrite, wait)
     except (RecipeError, ValueError, FileNotFoundError, OSError) as error:
         _fail(error)
-    from facedistill.arcface_torch.refusals import rank
-
-    if rank() == 0:
+    if refusals.rank() == 0:
         typer.echo(message)

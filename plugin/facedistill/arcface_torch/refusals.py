@@ -43,7 +43,24 @@ PACKAGE = Path(__file__).resolve().parents[1]
 # A DataLoader worker's exception reaches the main process as the same type with this text in front.
 WORKER_PREFIX = "Caught "
 GRACE_S = 5.0
-PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+# A collective (or the rendezvous store) that broke because another rank went away, in each backend's words: a
+# peer that stops first (a refusal, a bug) breaks the others' next collective with one of these.
+PEER_GONE = (
+    # gloo, and the TCPStore's socket
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Connection was likely closed",  # TCPStore (torch >= 2.3): "Failed to recv, got 0 bytes. Connection was ..."
+    # NCCL, as torch 2.x's ProcessGroupNCCL words it (DistBackendError, a RuntimeError)
+    "remote process exited or there was a network error",  # ncclGetErrorString(ncclRemoteError)
+    "ncclRemoteError",
+    "unexpected exit of a remote peer",  # ncclSystemError's gloss before NCCL had ncclRemoteError
+    "NCCL communicator was aborted",
+    "Some NCCL operations have failed or timed out",
+    # A peer that exited without NCCL noticing leaves the survivors blocked until the watchdog gives up. A rank
+    # that is itself the one stuck says so too, but its watchdog has already logged the same text (C++ logging,
+    # not this hook), so the one-line summary loses nothing.
+    "Watchdog caught collective operation timeout",
+)
 
 
 def rank() -> int:
@@ -92,8 +109,9 @@ def report(error: BaseException | str, stream: TextIO | None = None) -> None:
 
 
 def lost_a_peer(error: BaseException) -> bool:
-    """A collective that failed because another rank has exited (gloo's words for it): that rank's own error is
-    the one to read, in torchrun's summary, so this one is not printed."""
+    """A collective that failed because another rank has exited (gloo's or NCCL's words for it, ``PEER_GONE``):
+    that rank's own error is the one to read, in torchrun's summary, so this one is not printed. Only the words
+    count, not the type: NCCL raises the same ``DistBackendError`` for its own refusals of a bad call (a bug)."""
     return isinstance(error, RuntimeError) and any(words in str(error) for words in PEER_GONE)
 
 

