@@ -81,7 +81,39 @@ def _rank_results(rank: int) -> dict[str, object]:
     results["sampled_columns"] = (head.last_columns + start).tolist()
     results["sampled_margin"] = float(sampled["margin"])
     results["sampled_kd"] = float(sampled["kd"])
+    # 3. The embedding gradients of both terms under an outer autocast, and without.
+    results["autocast_grads"] = {
+        f"{term}/{rate}/{dtype}": _term_gradient(rank, term, rate, dtype).tolist()
+        for term in ("margin", "kd")
+        for rate in (1.0, RATE)
+        for dtype in (None, *AUTOCAST_DTYPES)
+    }
     return results
+
+
+def _cpu_autocast_lowers_to(dtype: torch.dtype) -> bool:
+    with torch.autocast("cpu", dtype=dtype):
+        return (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == dtype
+
+
+# The lower precisions CPU autocast supports in this torch (float16 only in recent ones).
+AUTOCAST_DTYPES = tuple(dtype for dtype in (torch.bfloat16, torch.float16) if _cpu_autocast_lowers_to(dtype))
+
+
+def _term_gradient(rank: int | None, term: str, rate: float, autocast: torch.dtype | None) -> torch.Tensor:
+    """The gradient of one loss term w.r.t. float32 embeddings, with forward and backward run under
+    ``torch.autocast("cpu", dtype=autocast)`` (none: without autocast); ``rank`` None: one process."""
+    data = _data()
+    start, end = shard_range(C, rank or 0, WORLD if rank is not None else 1)
+    rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL) if rank is not None else slice(None)
+    embeddings = data["teacher"].flip(0)[rows].clone().requires_grad_()
+    head = FrozenPartialFC(C, data["centres"][start:end], SCALE, m2=0.3, sample_rate=rate, dtype=torch.float32, chunk=2)
+    torch.manual_seed(7)
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        terms = head(embeddings, data["labels"][rows], data["margins"][rows], data["teacher"][rows], TEMPERATURE)
+        terms[term].backward()
+    assert embeddings.grad is not None
+    return embeddings.grad
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +189,29 @@ def test_half_precision_centres_move_the_loss_by_little() -> None:
     exact = full(embeddings, data["labels"], data["margins"])["margin"]
     rounded = half(embeddings, data["labels"], data["margins"])["margin"]
     assert abs(float(rounded - exact)) < 2e-2 * max(1.0, abs(float(exact)))
+
+
+@pytest.mark.parametrize("rate", [1.0, RATE])
+@pytest.mark.parametrize("term", ["margin", "kd"])
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
+def test_gradients_do_not_depend_on_the_callers_autocast(term: str, rate: float, dtype: torch.dtype) -> None:
+    """The head computes in float32 on purpose (logits at s = 64 overflow float16); a backward run under the
+    caller's autocast must not drop its matrix products to half precision."""
+    exact = _term_gradient(None, term, rate, None)
+    torch.testing.assert_close(_term_gradient(None, term, rate, dtype), exact, rtol=1e-6, atol=1e-9)
+
+
+def test_two_processes_gradients_do_not_depend_on_the_callers_autocast(world: list[dict]) -> None:
+    for rank in range(WORLD):
+        grads = world[rank]["autocast_grads"]
+        for key, grad in grads.items():
+            term, rate, dtype = key.split("/")
+            if dtype != "None":
+                exact = torch.tensor(grads[f"{term}/{rate}/None"])
+                torch.testing.assert_close(
+                    torch.tensor(grad),
+                    exact,
+                    rtol=1e-6,
+                    atol=1e-9,
+                    msg=lambda text, r=rank, k=key: f"rank {r}, {k}: {text}",
+                )

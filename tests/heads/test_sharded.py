@@ -225,6 +225,36 @@ def _case_label_out_of_range(rank: int) -> None:
         head(_local(data["embeddings"], rank), labels)
 
 
+def _cpu_autocast_lowers_to(dtype: torch.dtype) -> bool:
+    with torch.autocast("cpu", dtype=dtype):
+        return (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == dtype
+
+
+# The lower precisions CPU autocast supports in this torch (float16 only in recent ones).
+AUTOCAST_DTYPES = tuple(dtype for dtype in (torch.bfloat16, torch.float16) if _cpu_autocast_lowers_to(dtype))
+
+
+def _gradients_under(autocast: torch.dtype | None, learnable: bool, rank: int | None) -> list[torch.Tensor]:
+    """The embedding (and, when learnable, centre) gradients of the margin loss of float32 inputs, with forward
+    and backward under ``torch.autocast("cpu", dtype=autocast)`` (None: without); ``rank`` None: one process."""
+    data = _data()
+    head = ShardedMarginHead(C, D, learnable=learnable, centres=data["centres"], **MARGINS)
+    local = (lambda t: _local(t, rank)) if rank is not None else (lambda t: t.clone())
+    embeddings = local(data["embeddings"]).requires_grad_()
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        head(embeddings, local(LABELS), local(data["margins"]))["margin"].backward()
+    return [embeddings.grad, *([head.weight.grad] if learnable else [])]
+
+
+def _case_autocast(rank: int) -> None:
+    """The head computes in float32 on purpose: a backward under the caller's autocast must not lower it."""
+    for learnable in (True, False):
+        exact = _gradients_under(None, learnable, rank)
+        for dtype in AUTOCAST_DTYPES:
+            for mine, theirs in zip(_gradients_under(dtype, learnable, rank), exact, strict=True):
+                torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-9, msg=lambda text, d=dtype: f"{d}: {text}")
+
+
 EQUIVALENCE_CASES = [f"equivalence-learnable={a}-margin={b}" for a, b in product([True, False], [False, True])]
 
 
@@ -237,6 +267,7 @@ def _cases(solo: object) -> dict[str, Callable[[int], None]]:
     cases["full-state"] = _case_full_state
     cases["true-class-cosine"] = _case_true_class_cosine
     cases["label-out-of-range"] = _case_label_out_of_range
+    cases["autocast"] = _case_autocast
     return cases
 
 
@@ -277,7 +308,8 @@ def test_two_ranks_match_single_process_loss_and_gradients(two_ranks: dict, name
 
 
 @pytest.mark.parametrize(
-    "name", ["ddp-backbone", "resume-across-world-sizes", "full-state", "true-class-cosine", "label-out-of-range"]
+    "name",
+    ["ddp-backbone", "resume-across-world-sizes", "full-state", "true-class-cosine", "label-out-of-range", "autocast"],
 )
 def test_two_ranks(two_ranks: dict, name: str) -> None:
     _assert_case(two_ranks, name)
@@ -313,6 +345,14 @@ def test_world_size_one_is_exactly_margin_head_and_cross_entropy(learnable: bool
     if learnable:
         assert torch.equal(head.weight.grad, ref_head.weight.grad)
     assert torch.equal(head.weight, ref_head.weight)
+
+
+@pytest.mark.parametrize("learnable", [True, False])
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
+def test_world_size_one_gradients_do_not_depend_on_the_callers_autocast(learnable: bool, dtype: torch.dtype) -> None:
+    exact = _gradients_under(None, learnable, None)
+    for mine, theirs in zip(_gradients_under(dtype, learnable, None), exact, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-9)
 
 
 def test_world_size_one_state_and_memory() -> None:

@@ -10,7 +10,14 @@ and drops everything a frozen matrix does not need:
   ``C // W + (r < C % W)`` classes; each rank scores the *global* batch (embeddings all-gathered) against its block.
 - **Sampling** as PartialFC_V2 with ``sample_rate < 1``: every class that is positive in the global batch, plus
   ``int(sample_rate * C_r) - #positives`` random others of the shard (``topk`` of uniform draws with the positives
-  set to 2), sorted; only positives when they alone exceed the budget.
+  set to 2), sorted; only positives when they alone exceed the budget. The uniforms come from the global CPU
+  generator, as PartialFC_V2's ``torch.rand(...).cuda()`` does, and only when it draws them: the same seed samples
+  the same classes as PartialFC_V2 on any device, and a restored CPU RNG state resumes the sampling.
+- **Host syncs**: a step reads nothing back from the device but the label check (see ``_ChunkedMarginCrossEntropy``)
+  and, only when the global batch could hold more of a shard's classes than its budget, the number of positives
+  (which sizes the sample). PartialFC_V2 reads more: ``torch.unique``, ``nonzero``, boolean-mask indexing, blocking
+  copies of host tensors and ``.item()``. The uniforms are drawn into pinned memory and copied without blocking;
+  rows are picked by masked arithmetic (``torch.where``, ``scatter``), never by ``nonzero``.
 - **Storage**: unit vectors in float16 by default (half the bytes of float32; no gradient and no optimiser state,
   which PartialFC_V2's learnable float32 head needs three times over). A float16 unit vector's components carry a
   relative error of at most 2^-11, so each cosine is off by at most ~1e-3 · |x|_1 / sqrt(d) in the worst case and
@@ -19,6 +26,7 @@ and drops everything a frozen matrix does not need:
 - **Scoring in chunks** of classes with an online log-sum-exp: the centres are read and widened to float32 one chunk
   at a time, so no float32 copy of a shard exists. The margin loss keeps its [B, S] logits for the backward pass
   (as PartialFC_V2 does); the angle term recomputes its logits there instead of keeping two more such matrices.
+  Both passes run with autocast off (``without_autocast``), whatever the caller's autocast state.
 
 Losses (B = global batch, S = this step's sampled classes over all ranks, z_ij = s cos(x_i, W_j)):
 
@@ -48,6 +56,7 @@ from facedistill.heads.sharded import (
     group_rank_and_size,
     shard_range,
     true_class_cosine,
+    without_autocast,
 )
 
 if TYPE_CHECKING:
@@ -85,6 +94,31 @@ def _global_logsumexp(
     return peak, total
 
 
+def _host_uniforms(count: int, device: torch.device) -> torch.Tensor:
+    """``count`` uniforms in [0, 1) from the global CPU generator, on ``device``: PartialFC_V2's
+    ``torch.rand(...).cuda()`` (the same draws for the same seed, on any device), but drawn into pinned memory and
+    copied with ``non_blocking``. A copy from pageable memory synchronises the CUDA stream; one from pinned memory
+    is queued like a kernel, and the caching host allocator keeps the buffer until the copy is done."""
+    return torch.rand(count, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+
+
+def _true_centres(weight: torch.Tensor, columns: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The float32 centre [B, d] of each row's true class where this rank scores it (``target >= 0``), zero
+    elsewhere: every row reads a centre (column 0 stands in), so no ``nonzero`` picks the rows."""
+    if columns.numel() == 0:  # nothing sampled on this rank, so no row's class is scored here either
+        return weight.new_zeros((target.shape[0], weight.shape[1]), dtype=torch.float32)
+    centres = weight[columns[target.clamp(min=0)]].float()
+    return torch.where((target >= 0)[:, None], centres, 0.0)
+
+
+def _true_column(target: torch.Tensor, start: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(column [B, 1] of each row's true class in the chunk of columns ``[start, start + width)``, 0 where it is
+    not there; whether it is there [B, 1]), for a ``gather``/``scatter`` of one entry per row."""
+    local = target - start  # negative for rows whose class lives on another rank (target -1)
+    inside = (local >= 0) & (local < width)
+    return torch.where(inside, local, 0)[:, None], inside[:, None]
+
+
 def _online_update(z: torch.Tensor, peak: torch.Tensor, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     new_peak = torch.maximum(peak, z.max(dim=1).values)
     total = total * torch.exp(peak - new_peak) + torch.exp(z - new_peak[:, None]).sum(dim=1)
@@ -96,11 +130,10 @@ class _ChunkedMarginCrossEntropy(torch.autograd.Function):
     ``weight``; ``target`` [B] is the position of the true class in ``columns`` (-1 where it lives elsewhere)."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx, x, weight, columns, target, margin, scale, m1, m3, target_form, chunk, group, world):  # type: ignore[override]
         owned = target >= 0
-        rows = owned.nonzero().squeeze(1)
-        true_cos = x.new_zeros(x.shape[0])
-        true_cos[rows] = (x[rows] * weight[columns[target[rows]]].float()).sum(dim=1)
+        true_cos = (x * _true_centres(weight, columns, target)).sum(dim=1)  # 0 where the class lives elsewhere
         true_logit = scale * margin_target_logit(true_cos, m1, margin, m3, target_form)
         peak = x.new_full((x.shape[0],), -torch.inf)
         total = x.new_zeros(x.shape[0])
@@ -111,14 +144,17 @@ class _ChunkedMarginCrossEntropy(torch.autograd.Function):
             z = logits[:, start:stop]
             torch.matmul(x, weight[block].float().T, out=z)
             z.mul_(scale)
-            here = (owned & (target >= start) & (target < stop)).nonzero().squeeze(1)
-            z[here, target[here] - start] = true_logit[here]
+            # The margin logit replaces the true class's where it lies in this chunk; other rows write back their own.
+            column, inside = _true_column(target, start, stop - start)
+            z.scatter_(1, column, torch.where(inside, true_logit[:, None], z.gather(1, column)))
             peak, total = _online_update(z, peak, total)
         peak, total = _global_logsumexp(peak, total, group, world)
-        picked = x.new_zeros((x.shape[0], 2))
-        picked[rows, 0] = true_logit[rows]
-        picked[rows, 1] = 1.0
+        # The true logit and an ownership count share one all-reduce.
+        picked = torch.stack((torch.where(owned, true_logit, 0.0), owned.to(x.dtype)), dim=1)
         _all_reduce(picked, dist.ReduceOp.SUM, group, world)
+        # The one host sync of a step (beside the count in ``FrozenPartialFC.sample`` when the budget is below the
+        # batch size): a label that no rank holds has no true logit anywhere and would give a silently wrong loss,
+        # so it must raise here, on every rank alike. PartialFC_V2 syncs more often than this (nonzero, unique).
         if not bool((picked[:, 1] == 1.0).all()):
             raise ValueError("a label is outside [0, num_classes): no rank holds its class centre")
         ctx.save_for_backward(x, columns, target, margin, true_cos, true_logit, peak, total, logits)
@@ -126,31 +162,29 @@ class _ChunkedMarginCrossEntropy(torch.autograd.Function):
         return (total.log() + peak - picked[:, 0]).mean()
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad):  # type: ignore[override]
         x, columns, target, margin, true_cos, true_logit, peak, total, logits = ctx.saved_tensors
         weight, scale = ctx.weight, ctx.scale
         coefficient = grad / x.shape[0]
-        owned = target >= 0
         grad_x = torch.zeros_like(x)
         for start, stop, block in _chunks(columns, ctx.chunk, weight.shape[0]):
             # In place: the saved logits become this chunk's softmax gradient (a second backward is not supported).
             g = logits[:, start:stop]
             g.sub_(peak[:, None]).exp_().div_(total[:, None])
-            here = (owned & (target >= start) & (target < stop)).nonzero().squeeze(1)
-            g[here, target[here] - start] -= 1.0
+            column, inside = _true_column(target, start, stop - start)
+            g.scatter_(1, column, g.gather(1, column) - inside.to(g.dtype))
             grad_x += g @ weight[block].float()
         grad_x.mul_(scale)
-        # The true logit is s * f(cos), not s * cos: correct its column by f'(cos) - 1.
-        rows = owned.nonzero().squeeze(1)
-        if rows.numel():
-            with torch.enable_grad():
-                cos = true_cos[rows].detach().requires_grad_(True)
-                row_margin = margin[rows] if margin.dim() else margin
-                target_logit = margin_target_logit(cos, ctx.m1, row_margin, ctx.m3, ctx.target_form)
-                (slope,) = torch.autograd.grad(target_logit.sum(), cos)
-            probability = torch.exp(true_logit[rows] - peak[rows]) / total[rows]
-            correction = scale * (probability - 1.0) * (slope - 1.0)
-            grad_x[rows] += correction[:, None] * weight[columns[target[rows]]].float()
+        # The true logit is s * f(cos), not s * cos: correct its column by f'(cos) - 1 (every row computes it, the
+        # rows whose class lives elsewhere add nothing).
+        with torch.enable_grad():
+            cos = true_cos.detach().requires_grad_(True)
+            target_logit = margin_target_logit(cos, ctx.m1, margin, ctx.m3, ctx.target_form)
+            (slope,) = torch.autograd.grad(target_logit.sum(), cos)
+        probability = torch.exp(true_logit - peak) / total
+        correction = torch.where(target >= 0, scale * (probability - 1.0) * (slope - 1.0), 0.0)
+        grad_x += correction[:, None] * _true_centres(weight, columns, target)
         return grad_x * coefficient, None, None, None, None, None, None, None, None, None, None, None
 
 
@@ -159,6 +193,7 @@ class _ChunkedSoftKL(torch.autograd.Function):
     ``z = s x W^T`` (student, differentiable) and ``z^t = s t W^T`` (teacher, constant)."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx, x, teacher, weight, columns, scale, temperature, chunk, group, world):  # type: ignore[override]
         factor = scale / temperature
         batch = x.shape[0]
@@ -182,6 +217,7 @@ class _ChunkedSoftKL(torch.autograd.Function):
         return temperature**2 * (cross - lse_t + lse_s).mean()
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad):  # type: ignore[override]
         x, teacher, columns, lse_s, lse_t = ctx.saved_tensors
         grad_x = torch.zeros_like(x)
@@ -276,19 +312,27 @@ class FrozenPartialFC(nn.Module):
         return gathered
 
     @torch.no_grad()
-    def sample(self, positives: torch.Tensor) -> torch.Tensor:
-        """Sorted columns of the shard to score: PartialFC_V2's rule (every positive, then random others)."""
+    def sample(self, batch_columns: torch.Tensor) -> torch.Tensor:
+        """Sorted columns of the shard to score, by PartialFC_V2's rule: every positive, then random others up to
+        the budget (only the positives when they alone exceed it). ``batch_columns`` [B] is the column of each row's
+        class in this shard, -1 where it lives on another rank."""
         num_local = self.class_end - self.class_start
         device = self.weight.device
         if self.num_sample >= num_local:
             return torch.arange(num_local, device=device)
-        positive = torch.unique(positives, sorted=True)
-        if self.num_sample < positive.shape[0]:
-            return positive
-        # Drawn by the CPU generator and moved, as PartialFC_V2 draws them (``torch.rand(...).cuda()``): the same
-        # seed samples the same classes on any device.
-        draw = torch.rand(num_local).to(device)
-        draw[positive] = 2.0
+        # Mark the positives densely: rows held elsewhere mark a spare last entry (a mask index would sync).
+        positive = torch.zeros(num_local + 1, dtype=torch.bool, device=device)
+        positive[torch.where(batch_columns >= 0, batch_columns, num_local)] = True
+        positive = positive[:num_local]
+        if self.num_sample < batch_columns.shape[0]:
+            # The batch could hold more of this shard's classes than the budget, and then only they are scored: how
+            # many there are sizes every tensor after this, so it is read on the host (a sync, which PartialFC_V2
+            # makes in torch.unique). With a budget of at least the global batch, as at scale, it cannot happen.
+            count = int(positive.sum().item())
+            if count > self.num_sample:
+                return torch.topk(positive.float(), k=count)[1].sort()[0]
+        draw = _host_uniforms(num_local, device)
+        draw.masked_fill_(positive, 2.0)
         return torch.topk(draw, k=self.num_sample)[1].sort()[0]
 
     def true_class_cosine(self, vectors: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -314,7 +358,7 @@ class FrozenPartialFC(nn.Module):
             all_labels = self._gather(labels.long())
             owned = (all_labels >= self.class_start) & (all_labels < self.class_end)
             column = torch.where(owned, all_labels - self.class_start, torch.full_like(all_labels, -1))
-            columns = self.sample(column[owned])
+            columns = self.sample(column)
             self.last_columns = columns
             target = torch.where(owned, torch.searchsorted(columns, column.clamp(min=0)), column)
             fixed = torch.full_like(x[:, 0], self.m2)

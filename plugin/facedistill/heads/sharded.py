@@ -29,8 +29,9 @@ with local batches of the same size.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+import functools
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,45 @@ if TYPE_CHECKING:
 # without distributed support have neither, and then only the world-size-1 path, which needs none, can run.
 _all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
+
+
+_Pass = TypeVar("_Pass", bound=Callable[..., Any])
+
+
+def without_autocast(autograd_pass: _Pass) -> _Pass:
+    """Run a custom autograd Function's ``forward`` or ``backward`` (under ``@staticmethod``) with autocast off on
+    the device of its first tensor argument. The heads compute in float32 on purpose (logits at s = 64 overflow
+    float16), and a backward runs under whatever autocast state its caller has: without this, a backward called
+    inside ``torch.autocast`` would do its matrix products in half precision. ``torch.amp.custom_bwd`` would need
+    the device type when the class is defined."""
+
+    @functools.wraps(autograd_pass)
+    def run(ctx: Any, *args: Any) -> Any:
+        device = next(arg.device.type for arg in args if isinstance(arg, torch.Tensor))
+        with torch.autocast(device_type=device, enabled=False):
+            return autograd_pass(ctx, *args)
+
+    return run  # type: ignore[return-value]
+
+
+class _Float32Linear(torch.autograd.Function):
+    """``F.linear(a, b)`` whose backward also runs with autocast off. It computes the products autograd's own
+    backward of ``F.linear`` computes (``grad @ b``, ``grad^T @ a``): on the CPU the gradients equal ``MarginHead``'s
+    bit for bit."""
+
+    @staticmethod
+    @without_autocast
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        return F.linear(a, b)
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        a, b = ctx.saved_tensors
+        grad_a = grad.mm(b) if ctx.needs_input_grad[0] else None
+        grad_b = grad.t().mm(a) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -221,10 +261,13 @@ def true_class_cosine(
     _all_gather_single(all_vectors, unit.contiguous(), group=group)
     _all_gather_single(all_labels, labels.contiguous(), group=group)
     class_end = class_start + local_weight.shape[0]
-    owned = ((all_labels >= class_start) & (all_labels < class_end)).nonzero().squeeze(1)
+    owned = (all_labels >= class_start) & (all_labels < class_end)
     contribution = unit.new_zeros(all_labels.shape[0])
-    centres = local_weight[all_labels[owned] - class_start].float()
-    contribution[owned] = (all_vectors[owned] * centres).sum(dim=1)
+    if local_weight.shape[0]:
+        # Every row reads a centre (row 0 stands in where the class lives elsewhere) and keeps it only where it is
+        # this rank's: selecting the rows with nonzero would sync the host with the device.
+        centres = local_weight[torch.where(owned, all_labels - class_start, 0)].float()
+        contribution = torch.where(owned, (all_vectors * centres).sum(dim=1), 0.0)
     local = unit.new_empty(labels.shape[0])
     _reduce_scatter_single(local, contribution, op=dist.ReduceOp.SUM, group=group)
     return local
@@ -235,6 +278,7 @@ class _GatherWithGradient(torch.autograd.Function):
     returns this rank's part: each rank's loss graph only reaches its own centres' logits."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx, local: torch.Tensor, group: ProcessGroup | None, world: int, grad_scale: float) -> torch.Tensor:
         ctx.group, ctx.world, ctx.grad_scale = group, world, grad_scale
         gathered = local.new_empty((world * local.shape[0], *local.shape[1:]))
@@ -242,6 +286,7 @@ class _GatherWithGradient(torch.autograd.Function):
         return gathered
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         local = grad.new_empty((grad.shape[0] // ctx.world, *grad.shape[1:]))
         _reduce_scatter_single(local, grad.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
@@ -255,6 +300,7 @@ class _DistributedCrossEntropy(torch.autograd.Function):
     column of the true class on this rank, -1 where it lives elsewhere."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx, logits: torch.Tensor, local_labels: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
         owned = local_labels >= 0
         rows = owned.nonzero().squeeze(1)
@@ -277,6 +323,7 @@ class _DistributedCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if not ctx.needs_input_grad[0]:
             return None, None, None
@@ -391,7 +438,7 @@ class ShardedMarginHead(nn.Module):
             owned = (all_labels >= self.class_start) & (all_labels < self.class_end)
             # Rows whose class lives elsewhere read (and write back unchanged) column 0, keeping the ops dense.
             column = torch.where(owned, all_labels - self.class_start, torch.zeros_like(all_labels))
-            cos = F.linear(F.normalize(gathered, dim=1), self._normalised_weight())
+            cos = _Float32Linear.apply(F.normalize(gathered, dim=1), self._normalised_weight())
             true_cos = cos.gather(1, column[:, None]).squeeze(1)
             m2 = self.m2 if margin is None else self._gather(margin.detach().float())
             target = torch.where(owned, margin_target_logit(true_cos, self.m1, m2, self.m3, self.target_form), true_cos)
@@ -402,9 +449,10 @@ class ShardedMarginHead(nn.Module):
     def _single_process_loss(
         self, embeddings: torch.Tensor, labels: torch.Tensor, margin: torch.Tensor | None
     ) -> torch.Tensor:
-        # Op for op what MarginHead.forward does, so world size 1 gives identical numbers.
+        # Op for op what MarginHead.forward does, so world size 1 gives identical numbers (the linear's backward
+        # runs with autocast off too: _Float32Linear).
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            cos = F.linear(F.normalize(embeddings.float(), dim=1), self._normalised_weight())
+            cos = _Float32Linear.apply(F.normalize(embeddings.float(), dim=1), self._normalised_weight())
         true_cos = cos.gather(1, labels[:, None]).squeeze(1)
         m2 = self.m2 if margin is None else margin.float()
         target = margin_target_logit(true_cos, self.m1, m2, self.m3, self.target_form)
