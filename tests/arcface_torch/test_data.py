@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from facedistill.arcface_torch.data import FrameworkFaces, load_bin, normalise_like_upstream
+from facedistill.arcface_torch.data import FrameworkFaces, TeacherRows, load_bin, normalise_like_upstream
 from facedistill.data.images import random_shift
 from facedistill.data.verification import PairsFormatError, write_bin
 
@@ -53,17 +53,29 @@ class _Faces:
         return self.images[index], index, f"face{index}.jpg"
 
 
+class _Rows:
+    """A teacher whose rows say which record and view they were read for: [[index, 0], [index, mirrored]]."""
+
+    def row(self, index: int, mirrored: bool) -> torch.Tensor:
+        return torch.tensor([[index, 0.0], [index, float(mirrored)]])
+
+
+def _read(rows: torch.Tensor) -> tuple[int, bool]:
+    return int(rows[1, 0]), bool(rows[1, 1])
+
+
 def test_without_shift_a_sample_draws_only_upstreams_flip() -> None:
     faces = _Faces()
     torch.manual_seed(3)
-    image, label, index, mirrored = FrameworkFaces(faces, sample_info=True)[1]
+    image, label, rows = FrameworkFaces(faces, teacher=_Rows())[1]  # type: ignore[arg-type]
+    index, mirrored = _read(rows)
     after = torch.rand(1)
     torch.manual_seed(3)
     expected_mirror = bool(torch.rand(1) < 0.5)
     assert torch.equal(torch.rand(1), after)  # one draw, as RandomHorizontalFlip
     view = faces.images[1].flip(-1) if expected_mirror else faces.images[1]
     assert torch.equal(image, normalise_like_upstream(view))
-    assert (label.item(), index.item(), mirrored.item()) == (1, 1, expected_mirror)
+    assert (label.item(), index, mirrored) == (1, 1, expected_mirror)
 
 
 def test_shift_translates_the_flipped_image_and_keeps_its_mirror_flag() -> None:
@@ -71,12 +83,13 @@ def test_shift_translates_the_flipped_image_and_keeps_its_mirror_flag() -> None:
     moved = []
     for seed in range(8):
         torch.manual_seed(seed)
-        image, _, _, mirrored = FrameworkFaces(faces, sample_info=True, shift=3)[0]
+        image, _, rows = FrameworkFaces(faces, teacher=_Rows(), shift=3)[0]  # type: ignore[arg-type]
+        mirrored = _read(rows)[1]
         torch.manual_seed(seed)
         expected_mirror = bool(torch.rand(1) < 0.5)
         view = faces.images[0].flip(-1) if expected_mirror else faces.images[0]
         expected = random_shift(view[None], None, 3)[0]  # the same default-generator stream, after the flip
-        assert mirrored.item() == expected_mirror
+        assert mirrored == expected_mirror
         assert torch.equal(image, normalise_like_upstream(expected))
         moved.append(not torch.equal(image, normalise_like_upstream(view)))
     assert sum(moved) >= 6, moved  # a draw of (0, 0) leaves the image in place: 1 in 49
@@ -101,7 +114,28 @@ def test_the_patched_get_dataloader_hands_config_shift_to_the_dataset(patched_ch
         sys.path.remove(str(patched_checkout))
     data = str(patched_checkout / "data" / "tiny")
     assert module.get_dataloader(data, 0, 4, num_workers=0).dataset.shift == 0
-    loader = module.get_dataloader(data, 0, 4, num_workers=0, sample_info=True, shift=2)
-    assert loader.dataset.shift == 2 and loader.dataset.sample_info
-    images, labels, indices, mirrored = next(iter(loader))
+    teacher = TeacherRows(Path(data) / "teacher_cache", "facedistill arcface-torch cache-teacher CONFIG")
+    loader = module.get_dataloader(data, 0, 4, num_workers=0, teacher=teacher, shift=2)
+    assert loader.dataset.shift == 2 and loader.dataset.teacher is teacher
+    images, labels, rows = next(iter(loader))
     assert images.shape == (4, 3, 112, 112) and images.dtype == torch.float32
+    assert rows.shape == (4, 2, 128) and rows.dtype == torch.float32
+
+
+def test_teacher_rows_are_the_originals_then_the_views_and_pickle_without_the_cache(patched_checkout: Path) -> None:
+    import pickle
+
+    from facedistill.teachers.cache import TeacherCache
+
+    directory = patched_checkout / "data" / "tiny" / "teacher_cache"
+    cache = TeacherCache(directory)
+    teacher = TeacherRows(directory, "CMD")
+    for mirrored in (False, True):
+        rows = teacher.row(3, mirrored)
+        expected = cache.rows(torch.tensor([3, 3]), torch.tensor([False, mirrored]))
+        assert torch.equal(rows, expected) and rows.dtype == torch.float32
+    assert not torch.equal(teacher.row(3, True)[1], teacher.row(3, False)[1])
+    # A worker gets the directory, not the memory map (a spawned worker would otherwise unpickle a copy of it).
+    copied = pickle.loads(pickle.dumps(teacher))
+    assert copied._cache is None and copied.directory == directory
+    assert torch.equal(copied.row(5, True), teacher.row(5, True))

@@ -181,16 +181,18 @@ def test_a_missing_cache_says_how_to_build_it(in_checkout: Path, tmp_path: Path)
 def test_the_zoos_methods_the_recipe_can_serve_build_and_score_a_batch(in_checkout: Path, method: str) -> None:
     import torch
 
+    from facedistill.arcface_torch import hooks
     from facedistill.arcface_torch.data import RecordFaceDataset
     from facedistill.arcface_torch.head import build_distill_head
 
     params = {} if method != "margin_distillation" else {"kd_weight": 1.0}
-    head = build_distill_head(_recipe(in_checkout, loss=method, loss_params=params), 0, 1)
-    dataset = RecordFaceDataset("data/tiny", sample_info=True)
+    cfg = _recipe(in_checkout, loss=method, loss_params=params)
+    head = build_distill_head(cfg, 0, 1)
+    dataset = RecordFaceDataset("data/tiny", teacher=hooks.teacher_rows(cfg))
     batch = [dataset[index] for index in range(4)]
-    labels, index, mirrored = (torch.stack([item[k] for item in batch]) for k in (1, 2, 3))
+    labels, rows = (torch.stack([item[k] for item in batch]) for k in (1, 2))
     embeddings = torch.randn(4, 128, requires_grad=True)
-    loss = head.train()(embeddings, labels, index, mirrored)
+    loss = head.train()(embeddings, labels, rows)
     loss.backward()
     assert torch.isfinite(loss) and embeddings.grad is not None and embeddings.grad.abs().sum() > 0
 
@@ -278,6 +280,7 @@ def test_a_stored_mean_of_another_cache_is_refused(in_checkout: Path, tmp_path: 
 def test_the_official_preset_reads_the_original_images_row_for_a_mirror(in_checkout: Path) -> None:
     import torch
 
+    from facedistill.arcface_torch import hooks
     from facedistill.arcface_torch.data import RecordFaceDataset
     from facedistill.arcface_torch.head import build_distill_head
 
@@ -287,14 +290,15 @@ def test_the_official_preset_reads_the_original_images_row_for_a_mirror(in_check
     assert (params.scale, params.normaliser, params.clamp, params.guard, params.past_pi) == (
         64.0, "local_batch", False, False, "cos",
     )  # fmt: skip
-    dataset = RecordFaceDataset("data/tiny", sample_info=True)
-    labels, index = torch.tensor([dataset[i][1] for i in range(4)]), torch.arange(4)
+    teacher = hooks.teacher_rows(cfg)
+    dataset = RecordFaceDataset("data/tiny", teacher=teacher)
+    labels = torch.tensor([dataset[i][1] for i in range(4)])
+    flipped, unflipped = (torch.stack([teacher.row(i, mirrored) for i in range(4)]) for mirrored in (True, False))
     embeddings = torch.randn(4, 128)
-    flipped = head(embeddings, labels, index, torch.ones(4, dtype=torch.bool))
-    assert flipped.item() == pytest.approx(head(embeddings, labels, index, torch.zeros(4, dtype=torch.bool)).item())
+    assert head(embeddings, labels, flipped).item() == pytest.approx(head(embeddings, labels, unflipped).item())
     validated = build_distill_head(_recipe(in_checkout), 0, 1)
-    assert validated(embeddings, labels, index, torch.ones(4, dtype=torch.bool)).item() != pytest.approx(
-        validated(embeddings, labels, index, torch.zeros(4, dtype=torch.bool)).item()
+    assert validated(embeddings, labels, flipped).item() != pytest.approx(
+        validated(embeddings, labels, unflipped).item()
     )
 
 

@@ -4,9 +4,10 @@ The patched ``dataset.py`` serves ``train.rec``/``train.idx`` and image folders 
 patched ``eval/verification.py`` loads ``.bin`` verification packs through :func:`load_bin`. They return exactly
 what upstream's did: a float image normalised to [-1, 1] (``ToTensor`` then ``Normalize(0.5, 0.5)``), randomly
 mirrored with probability 0.5 (``RandomHorizontalFlip``), and its label; with ``config.shift = K`` (a facedistill
-key, 0 by default) the image is then translated by up to K pixels (``random_shift``). With ``sample_info`` (a
-facedistill method is on) each sample also carries its record index and whether it was mirrored, so the head can
-read the teacher's cached embedding of that very view.
+key, 0 by default) the image is then translated by up to K pixels (``random_shift``). With a ``teacher`` (a
+facedistill method is on) each sample also carries the teacher cache's rows of its record (:class:`TeacherRows`),
+read by the DataLoader worker that makes the sample: the training process neither copies record indices back from
+the GPU nor reads the memory-mapped cache while the GPU waits.
 
 What upstream does unsafely or not at all on a current stack, fixed here:
 - RecordIO is read without mxnet (``facedistill.data.recordio``; mxnet cannot import with numpy >= 1.24);
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from facedistill.data.datasets import FaceDataset, ImageFolderDataset, RecordDataset
 from facedistill.data.images import decode_image, random_shift
 from facedistill.data.verification import check_bin_folds, read_bin
+from facedistill.teachers.cache import TeacherCache
 
 
 def normalise_like_upstream(image_uint8_chw: torch.Tensor) -> torch.Tensor:
@@ -33,22 +35,55 @@ def normalise_like_upstream(image_uint8_chw: torch.Tensor) -> torch.Tensor:
     return (image_uint8_chw.float() / 255.0 - 0.5) / 0.5
 
 
+class TeacherRows:
+    """The teacher cache's rows of one sample, read where the sample is made (a DataLoader worker).
+
+    ``row(index, mirrored)`` is float32 [2, d]: the row of record ``index``'s original image, then the row of the
+    view the sample shows (the mirror's when ``mirrored``). The head picks one of the two by its method's
+    ``mirror_rows`` and centres it (``config.teacher_subtract_mean``) on its own device, so the dataset, which the
+    framework builds before the head, needs neither the method nor the offset. Only the cache's directory is
+    pickled: each process opens the memory map itself (a pickled ``np.memmap`` would be a copy of the whole cache),
+    and lazily, so that a missing or stale cache is still refused by the head's checks, before any sample is read.
+    """
+
+    def __init__(self, directory: str | Path, command: str) -> None:
+        self.directory = Path(directory)
+        self.command = command  # named in the cache's refusals
+        self._cache: TeacherCache | None = None
+
+    def __getstate__(self) -> dict[str, object]:
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        return state
+
+    @property
+    def cache(self) -> TeacherCache:
+        if self._cache is None:
+            self._cache = TeacherCache(self.directory, self.command)
+        return self._cache
+
+    def row(self, index: int, mirrored: bool) -> torch.Tensor:
+        return self.cache.rows(torch.tensor([index, index]), torch.tensor([False, mirrored]))
+
+
 class FrameworkFaces(Dataset):
     """A facedistill ``FaceDataset`` served the way arcface_torch's datasets serve samples.
 
-    Items are ``(image, label)``, or ``(image, label, index, mirrored)`` with ``sample_info``. ``index`` is the
-    sample's position in the dataset, which is its row in the teacher cache; ``mirrored`` says whether the image
-    was flipped, which selects the cache's mirror row. The flip draws ``torch.rand(1) < 0.5`` like torchvision's
-    ``RandomHorizontalFlip``, so the framework's worker seeding governs it as before. ``shift`` translates the
-    image after the flip by dy, dx drawn from [-shift, shift] (black border), drawn from the same generator; with
-    ``shift=0`` nothing more is drawn, so the flips are upstream's. The teacher's cached row stays the target.
+    Items are ``(image, label)``, or ``(image, label, teacher_rows)`` with a ``teacher``: the [2, d] rows of
+    :meth:`TeacherRows.row` for the sample's position in the dataset (its row in the teacher cache) and whether the
+    image was flipped. The flip draws ``torch.rand(1) < 0.5`` like torchvision's ``RandomHorizontalFlip``, so the
+    framework's worker seeding governs it as before. ``shift`` translates the image after the flip by dy, dx drawn
+    from [-shift, shift] (black border), drawn from the same generator; with ``shift=0`` nothing more is drawn, so
+    the flips are upstream's. The teacher's cached row of the unshifted view stays the target.
     """
 
-    def __init__(self, faces: FaceDataset, sample_info: bool = False, flip: bool = True, shift: int = 0) -> None:
+    def __init__(
+        self, faces: FaceDataset, teacher: TeacherRows | None = None, flip: bool = True, shift: int = 0
+    ) -> None:
         if shift < 0:
             raise ValueError(f"config.shift must be >= 0 pixels, got {shift}")
         self.faces = faces
-        self.sample_info = sample_info
+        self.teacher = teacher
         self.flip = flip
         self.shift = shift
 
@@ -67,9 +102,9 @@ class FrameworkFaces(Dataset):
             image = random_shift(image[None], None, self.shift)[0]
         image = normalise_like_upstream(image)
         label_tensor = torch.tensor(label, dtype=torch.long)
-        if not self.sample_info:
+        if self.teacher is None:
             return image, label_tensor
-        return image, label_tensor, torch.tensor(index, dtype=torch.long), torch.tensor(mirrored)
+        return image, label_tensor, self.teacher.row(index, mirrored)
 
 
 def open_framework_dataset(root_dir: str | Path) -> FaceDataset:
@@ -89,16 +124,16 @@ def open_framework_dataset(root_dir: str | Path) -> FaceDataset:
 class RecordFaceDataset(FrameworkFaces):
     """``train.rec``/``train.idx`` in ``root_dir`` (upstream's ``MXFaceDataset``), read without mxnet."""
 
-    def __init__(self, root_dir: str | Path, sample_info: bool = False, shift: int = 0) -> None:
-        super().__init__(RecordDataset(Path(root_dir) / "train.rec"), sample_info, shift=shift)
+    def __init__(self, root_dir: str | Path, teacher: TeacherRows | None = None, shift: int = 0) -> None:
+        super().__init__(RecordDataset(Path(root_dir) / "train.rec"), teacher, shift=shift)
 
 
 class FolderFaceDataset(FrameworkFaces):
     """Identity folders (upstream's torchvision ``ImageFolder`` branch), read without torchvision."""
 
-    def __init__(self, root_dir: str | Path, sample_info: bool = False, shift: int = 0) -> None:
+    def __init__(self, root_dir: str | Path, teacher: TeacherRows | None = None, shift: int = 0) -> None:
         # open_framework_dataset: a config.rec that is neither a pack nor a folder is refused saying what to do
-        super().__init__(open_framework_dataset(root_dir), sample_info, shift=shift)
+        super().__init__(open_framework_dataset(root_dir), teacher, shift=shift)
 
 
 class CPUDataLoader(DataLoader):

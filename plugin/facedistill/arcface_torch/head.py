@@ -4,7 +4,9 @@ The patched ``train_v2.py`` builds its margin head with ``hooks.build_head``. Fo
 :class:`DistillHead`: the method's own module (for MarginDistillation, ``facedistill.heads.partial_fc.
 FrozenPartialFC``: the teacher's frozen, normalised centres sharded over the ranks exactly as PartialFC_V2 splits
 its classes and sampled at ``config.sample_rate`` as it samples), fed with the teacher cache's row of every sample,
-image or mirror. The math lives once, in ``facedistill.distill`` and ``facedistill.heads``; this module only
+image or mirror. The DataLoader workers read those rows with the samples (``facedistill.arcface_torch.data.
+TeacherRows``) and the batch brings them, already on the GPU: a step neither copies indices back to the host nor
+reads the cache. The math lives once, in ``facedistill.distill`` and ``facedistill.heads``; this module only
 adapts it to the framework: it loads this rank's block of the teacher's centres and checks the recipe against the
 teacher and its cache before training starts.
 """
@@ -28,48 +30,42 @@ from facedistill.arcface_torch.recipe import (
 from facedistill.arcface_torch.teacher import recipe_teacher_id, teacher_head_shards
 from facedistill.distill.base import DistillMethod, MethodContext
 from facedistill.distill.context import TeacherSpec, build_teacher_side
-from facedistill.teachers.cache import TeacherCache
+from facedistill.teachers.cache import TeacherCache, centre_rows
 
 
 class DistillHead(nn.Module):
     """The margin head of a run with ``config.loss`` set to a facedistill method.
 
-    ``forward(local_embeddings, local_labels, index, mirrored)`` returns the scalar loss, the sum of the method's
-    terms. Its state (frozen centres included, as PartialFC_V2 saves its own shard) goes into the framework's
+    ``forward(local_embeddings, local_labels, teacher_rows)`` returns the scalar loss, the sum of the method's
+    terms; ``teacher_rows`` [B, 2, d] are the batch's rows from ``TeacherRows.row`` (original image, view shown).
+    Its state (frozen centres included, as PartialFC_V2 saves its own shard) goes into the framework's
     ``checkpoint_gpu_{rank}.pt`` like PartialFC_V2's.
     """
 
-    def __init__(
-        self,
-        method: DistillMethod,
-        cache: TeacherCache,
-        steps_per_epoch: int,
-        teacher_offset: torch.Tensor | None = None,
-    ) -> None:
+    def __init__(self, method: DistillMethod, steps_per_epoch: int, teacher_offset: torch.Tensor | None = None) -> None:
         super().__init__()
         self.method = method
-        self.cache = cache
-        # Subtracted from every teacher row (config.teacher_subtract_mean), as from the centres' rows.
-        self.teacher_offset = teacher_offset
+        # Subtracted from every teacher row (config.teacher_subtract_mean), as from the centres' rows. A buffer,
+        # so that `.to(device)` puts it beside the rows; not persistent, so checkpoints hold what they held.
+        self.register_buffer("teacher_offset", teacher_offset, persistent=False)
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.step = 0
 
     def forward(
-        self,
-        local_embeddings: torch.Tensor,
-        local_labels: torch.Tensor,
-        index: torch.Tensor | None = None,
-        mirrored: torch.Tensor | None = None,
+        self, local_embeddings: torch.Tensor, local_labels: torch.Tensor, teacher_rows: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if index is None:
+        if teacher_rows is None:
             raise RuntimeError(
-                "the batch carries no record index: the dataset was not built with sample_info (is dataset.py "
+                "the batch carries no teacher rows: the dataset was not built with a teacher (is dataset.py "
                 "patched? `facedistill arcface-torch patch PATH`)"
             )
         labels = local_labels.view(-1).long()
-        rows = mirrored.view(-1) if mirrored is not None and self.method.mirror_rows else None
-        teacher = self.cache.rows(index.view(-1), rows, self.teacher_offset)
-        teacher = teacher.to(local_embeddings.device, non_blocking=True)
+        # A no-op when the framework's loader already moved the batch to this device.
+        rows = teacher_rows.to(local_embeddings.device, non_blocking=True)
+        # Row 1 is the view the sample shows; a method without mirror rows reads the original image's (row 0).
+        view = rows[:, 1] if self.method.mirror_rows else rows[:, 0]
+        # Contiguous, as the rows read on the host were: the method's kernels see the layout they saw before.
+        teacher = centre_rows(view.float().contiguous(), self.teacher_offset)
         if self.training:
             self.method.set_progress(self.step, self.step / self.steps_per_epoch)
             self.step += 1
@@ -132,4 +128,4 @@ def build_distill_head(cfg: Recipe, rank: int, world_size: int) -> DistillHead:
         from facedistill.train.distributed import check_replicated_parameters
 
         check_replicated_parameters(method, name or "")
-    return DistillHead(method, cache, steps_per_epoch, side.offset)
+    return DistillHead(method, steps_per_epoch, side.offset)

@@ -19,6 +19,7 @@ import torch
 from torch import distributed, nn
 
 from facedistill.arcface_torch import recipe, refusals
+from facedistill.arcface_torch.data import TeacherRows
 from facedistill.arcface_torch.recipe import Recipe, method_name
 
 refusals.install()
@@ -42,9 +43,13 @@ def device_ids(local_rank: int) -> list[int] | None:
     return [local_rank] if torch.cuda.is_available() else None
 
 
-def needs_sample_info(cfg: Recipe) -> bool:
-    """Whether batches must carry each sample's record index and mirror flag (a facedistill method is on)."""
-    return method_name(cfg) is not None
+def teacher_rows(cfg: Recipe) -> TeacherRows | None:
+    """``get_dataloader``'s ``teacher``: with a facedistill method, each sample carries its rows of the recipe's
+    teacher cache, read by the DataLoader workers (None: the framework's own loss, upstream's samples). The cache
+    is opened where a sample is first read, after ``build_head`` has checked it."""
+    if method_name(cfg) is None:
+        return None
+    return TeacherRows(recipe.teacher_cache_dir(cfg), recipe.CACHE_COMMAND)
 
 
 def data_shift(cfg: Recipe) -> int:
