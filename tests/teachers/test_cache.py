@@ -204,3 +204,20 @@ def test_subtract_mean_refuses_a_teacher_head(tmp_path, dataset) -> None:
         class_centres(cache, dataset.labels, dataset.num_classes, offset=cache.mean_embedding())
     centres, source = class_centres(cache, dataset.labels, dataset.num_classes, "mean", cache.mean_embedding())
     assert source == "mean-centred" and centres.shape == (4, 16)
+
+
+class _OverflowingTeacher(ProjectionTeacher):
+    """Embeddings beyond float16's range (an untrained network's BatchNorm can give them), or NaN."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return super().embed(images) * 0 + self.value
+
+
+@pytest.mark.parametrize("value, words", [(1e6, "beyond float16's range"), (float("nan"), "not finite")])
+def test_rows_the_cache_cannot_hold_are_refused_naming_the_first_record(tmp_path, dataset, value, words) -> None:
+    with pytest.raises(ValueError, match=rf"{words}.* the first #0: check the teacher's weights"):
+        build_teacher_cache(_OverflowingTeacher(value), dataset, tmp_path / "cache", num_workers=0, progress=False)

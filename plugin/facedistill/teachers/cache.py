@@ -289,6 +289,23 @@ def _save_head_centres(teacher: Any, directory: Path) -> None:
     os.replace(tmp, path)
 
 
+def _non_finite_rows(rows: np.ndarray, indices: np.ndarray, teacher_id: str) -> str:
+    """Why a batch of teacher rows cannot be stored: a row that is not finite, or beyond float16's range (which the
+    cache stores), would train every method on NaN without a word; name the first such record."""
+    bad = ~np.isfinite(rows.astype(np.float16)).reshape(len(rows), -1).all(axis=1)
+    first = int(indices[np.flatnonzero(bad)[0]])
+    finite = np.isfinite(rows[bad]).all()
+    what = (
+        f"values up to {np.abs(rows[bad]).max():.3g}, beyond float16's range (65504) that the cache stores"
+        if finite
+        else "values that are not finite"
+    )
+    return (
+        f"teacher {teacher_id} gave {what} for {int(bad.sum())} record(s) of this batch, the first #{first}: check the "
+        "teacher's weights (an untrained or diverged model, BatchNorm statistics) or its preprocessing"
+    )
+
+
 def build_teacher_cache(
     teacher: Any,
     dataset: FaceDataset,
@@ -343,8 +360,11 @@ def build_teacher_cache(
                         )
                     count = len(batch.indices)
                     both = teacher.embed(torch.cat([batch.images, batch.images.flip(-1)]))
-                    rows = torch.stack([both[:count], both[count:]], dim=1)
-                    writer.data[batch.indices.numpy()] = rows.numpy().astype(np.float16)
+                    rows = torch.stack([both[:count], both[count:]], dim=1).numpy()
+                    stored = rows.astype(np.float16)
+                    if not np.isfinite(stored).all():
+                        raise ValueError(_non_finite_rows(rows, batch.indices.numpy(), teacher.teacher_id))
+                    writer.data[batch.indices.numpy()] = stored
                     writer.advance(count)
         complete = store.complete
     cache = TeacherCache(directory, command)
