@@ -3,6 +3,7 @@ import re
 
 import onnx
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from facedistill.cli import KNOWN_METHODS, app, parse_method_variant
@@ -73,6 +74,133 @@ def test_eval_export_and_pack_from_the_command_line(trained, tmp_path) -> None:
     result = runner.invoke(app, ["pack", str(pairs.parent / "train"), str(tmp_path / "rec")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "rec" / "train.rec").exists() and (tmp_path / "rec" / "property").exists()
+
+
+@pytest.fixture(scope="module")
+def calibrated(trained, tmp_path_factory):
+    """The trained student's checkpoint with its BatchNorm statistics measured on its training faces.
+
+    Two steps leave them at their initial values, where every embedding is nearly the same vector (pair cosines
+    all 1.0000): the pairs' order then rests on the 7th digit, and a 2e-8 difference between onnxruntime and PyTorch
+    changes the AUC. The statistics a longer run would have reached make the comparison mean something, at no
+    training cost."""
+    from facedistill.data.datasets import open_training_set
+    from facedistill.data.images import normalise
+    from facedistill.train.checkpoint import load_checkpoint, load_student
+
+    run, pairs = trained
+    state = load_checkpoint(run / "last.pt")
+    student, _ = load_student(run / "last.pt")
+    faces = open_training_set(pairs.parent / "train")
+    images = torch.stack([faces[index][0] for index in range(len(faces))])
+    norms = [module for module in student.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+    for module in norms:
+        module.reset_running_stats()
+        module.momentum = None  # a plain average over the one pass
+    with torch.no_grad():
+        student.train()(normalise(images).contiguous(memory_format=torch.channels_last))
+    for module in norms:
+        module.momentum = 0.1
+    state["model"] = {key: value.contiguous() for key, value in student.eval().state_dict().items()}
+    path = tmp_path_factory.mktemp("calibrated") / "calibrated.pt"
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(calibrated, tmp_path_factory):
+    """The student exported by the command line, and the same graph without facedistill's metadata (a foreign ONNX,
+    which does not say how its input is normalised)."""
+    folder = tmp_path_factory.mktemp("exported")
+    result = runner.invoke(app, ["export", str(calibrated), "-o", str(folder / "model.onnx")])
+    assert result.exit_code == 0, result.output
+    model = onnx.load(str(folder / "model.onnx"))
+    del model.metadata_props[:]
+    onnx.save(model, str(folder / "foreign.onnx"))
+    return folder / "model.onnx", folder / "foreign.onnx"
+
+
+def _eval_result(args: list[str], out) -> dict:
+    result = runner.invoke(app, ["eval", *args, "--workers", "0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "eval_pairs.json").read_text())
+
+
+def test_eval_of_an_exported_student_as_an_onnx_teacher_gives_its_checkpoints_accuracy(
+    trained, calibrated, exported, tmp_path
+) -> None:
+    _, pairs = trained
+    model, foreign = exported
+    checkpoint = _eval_result([str(calibrated), "--pairs", str(pairs)], tmp_path / "checkpoint")
+    # The exported file says how its input is normalised: nothing else to give.
+    onnx_teacher = _eval_result(["--teacher", str(model), "--pairs", str(pairs)], tmp_path / "onnx")
+    # A file that does not say takes the same three facts from the command line.
+    keys = ["--teacher-colour-order", "RGB", "--teacher-mean", "127.5", "--teacher-std", "127.5,127.5,127.5"]
+    given = _eval_result(["--teacher", str(foreign), *keys, "--pairs", str(pairs)], tmp_path / "given")
+    print(
+        f"accuracy checkpoint {checkpoint['accuracy_mean']:.6f}, onnx teacher {onnx_teacher['accuracy_mean']:.6f}, "
+        f"foreign + keys {given['accuracy_mean']:.6f}; auc {checkpoint['auc']:.6f} {onnx_teacher['auc']:.6f} "
+        f"{given['auc']:.6f}"
+    )
+    for other in (onnx_teacher, given):
+        assert other["num_pairs"] == checkpoint["num_pairs"] == 60
+        assert other["accuracy_mean"] == pytest.approx(checkpoint["accuracy_mean"], abs=1e-4)
+        assert other["fold_accuracies"] == pytest.approx(checkpoint["fold_accuracies"], abs=1e-4)
+        assert other["auc"] == pytest.approx(checkpoint["auc"], abs=1e-4)
+
+
+def test_an_onnx_teacher_without_its_preprocessing_is_refused_in_one_line(trained, exported, tmp_path) -> None:
+    run, pairs = trained
+    model, foreign = exported
+    for command in (
+        ["eval", "--teacher", str(foreign), "--pairs", str(pairs)],
+        ["cache-teacher", "--teacher", str(foreign), "--data", str(pairs.parent / "train"), "-o", str(tmp_path / "c")],
+    ):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2, result.output
+        line = _one_error_line(result.output)
+        assert line.startswith(f"error: {foreign} needs preprocessing"), line
+        assert "set --teacher-colour-order, --teacher-mean and --teacher-std" in line
+    assert not (tmp_path / "c").exists()
+
+    result = runner.invoke(app, ["eval", "--teacher", str(model), "--teacher-mean", "0", "--pairs", str(pairs)])
+    assert result.exit_code == 2, result.output
+    line = _one_error_line(result.output)
+    assert "--teacher-mean = 0 contradicts the model's metadata facedistill.mean = 127.5" in line
+
+    for args, message in [
+        (["--teacher", "sface", "--teacher-std", "1"], "error: --teacher-std applies to an .onnx teacher only"),
+        ([str(run / "last.pt"), "--teacher-mean", "1"], "error: --teacher-mean goes with --teacher"),
+        (["--teacher", str(foreign), "--teacher-mean", "1,2"], "error: --teacher-mean must be a number or three"),
+    ]:
+        result = runner.invoke(app, ["eval", *args, "--pairs", str(pairs)])
+        assert result.exit_code == 2, result.output
+        assert _one_error_line(result.output).startswith(message), result.output
+
+
+def test_cache_teacher_takes_the_preprocessing_keys(trained, exported, tmp_path) -> None:
+    _, pairs = trained
+    _, foreign = exported
+    keys = ["--teacher-colour-order", "BGR", "--teacher-mean", "127.5", "--teacher-std", "128"]
+    args = ["--data", str(pairs.parent / "train"), "-o", str(tmp_path / "cache"), "--workers", "0"]
+    result = runner.invoke(app, ["cache-teacher", "--teacher", str(foreign), *keys, *args])
+    assert result.exit_code == 0, result.output
+    assert "-BGR_mean127.5_std128 in" in result.output
+
+    # distill builds the same teacher from the same keys (teacher.colour_order, .mean, .std) to check the cache's id.
+    distill = [
+        "distill",
+        *("--data", str(pairs.parent / "train"), "--cache", str(tmp_path / "cache"), "--teacher", str(foreign)),
+        *("-o", str(tmp_path / "run"), "--set", "model.embedding_size=16", "--set", "data.batch_size=6"),
+        *("--set", "data.num_workers=0", "--set", "train.max_steps=1", "--set", "train.amp=none"),
+        *("--set", "train.export_onnx=false"),
+    ]
+    result = runner.invoke(app, [*distill, *keys[:2], "--teacher-mean", "0", "--teacher-std", "128"])
+    assert result.exit_code == 2, result.output
+    assert "-BGR_mean0_std128" in _one_error_line(result.output)
+    result = runner.invoke(app, [*distill, *keys])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 1
 
 
 def test_cli_errors_are_one_clear_line(tmp_path) -> None:
@@ -198,6 +326,18 @@ def test_distill_keeps_the_configs_method_unless_told_otherwise(tmp_path, run_co
         assert result.exit_code == 0, (args, result.output)
         assert run_configs[-1].method == method, args
         assert run_configs[-1].train.epochs == (2.0 if str(plain) in args else 10.0)
+
+
+def test_distill_passes_the_teacher_preprocessing_keys_to_the_config(tmp_path, run_configs) -> None:
+    flags = ["distill", "--data", str(tmp_path / "faces"), "--cache", str(tmp_path / "cache")]
+    keys = ["--teacher-colour-order", "BGR", "--teacher-mean", "1,2,3", "--teacher-std", "64"]
+    result = runner.invoke(app, [*flags, "--teacher", str(tmp_path / "t.onnx"), *keys])
+    assert result.exit_code == 0, result.output
+    teacher = run_configs[-1].teacher
+    assert (teacher.colour_order, teacher.mean, teacher.std) == ("BGR", (1.0, 2.0, 3.0), 64.0)
+    result = runner.invoke(app, [*flags, "--teacher", "sface", "--teacher-mean", "1"])
+    assert result.exit_code == 2
+    assert _one_error_line(result.output).startswith("error: teacher.mean applies to an .onnx teacher only")
 
 
 def test_distill_refuses_an_unknown_method_in_one_line_before_anything_runs(tmp_path) -> None:

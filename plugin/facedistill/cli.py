@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
@@ -20,6 +21,77 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a config value, e.g. --set train.epochs=20 (repeatable)."),
 ]
+
+
+# An .onnx teacher's preprocessing, for a file that does not say it (facedistill export writes it in the model's
+# metadata, which these may repeat but not contradict); every command that takes --teacher takes them.
+TeacherColourOrder = Annotated[
+    str | None,
+    typer.Option(
+        "--teacher-colour-order",
+        help="An .onnx teacher's channel order, RGB or BGR, when the file does not say (facedistill export's do).",
+    ),
+]
+TeacherMean = Annotated[
+    str | None,
+    typer.Option(
+        "--teacher-mean",
+        help="An .onnx teacher's input mean on raw 0..255 values: a number, or three comma-separated, one per "
+        "channel in the model's channel order.",
+    ),
+]
+TeacherStd = Annotated[
+    str | None,
+    typer.Option(
+        "--teacher-std", help="An .onnx teacher's input std on raw 0..255 values: a number, or three comma-separated."
+    ),
+]
+
+
+def _flag_numbers(text: str | None, flag: str) -> float | tuple[float, ...] | None:
+    """``"127.5"`` -> 127.5, ``"1,2,3"`` -> (1.0, 2.0, 3.0); anything else is refused naming ``flag``."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 3):
+        raise ValueError(f"{flag} must be a number or three numbers separated by commas, got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def _preprocessing_flags(colour_order: str | None, mean: str | None, std: str | None) -> dict[str, Any]:
+    """The --teacher-* preprocessing flags that were given, numbers parsed."""
+    from facedistill.teachers import CLI_PREPROCESSING_KEYS
+
+    values = {
+        "colour_order": colour_order,
+        "mean": _flag_numbers(mean, CLI_PREPROCESSING_KEYS.mean),
+        "std": _flag_numbers(std, CLI_PREPROCESSING_KEYS.std),
+    }
+    return {field: value for field, value in values.items() if value is not None}
+
+
+def _teacher_preprocessing(
+    teacher: str | None, colour_order: str | None, mean: str | None, std: str | None
+) -> dict[str, Any]:
+    """The --teacher-* preprocessing flags that were given, numbers parsed; refused without --teacher."""
+    from facedistill.teachers import CLI_PREPROCESSING_KEYS
+
+    given = _preprocessing_flags(colour_order, mean, std)
+    if given and teacher is None:
+        flag = CLI_PREPROCESSING_KEYS.of(next(iter(given)))
+        raise ValueError(f"{flag} goes with --teacher: it says how an .onnx teacher's input is normalised")
+    return given
+
+
+def _cli_teacher(teacher: str, colour_order: str | None, mean: str | None, std: str | None) -> Any:
+    """The teacher --teacher names, with the --teacher-* preprocessing flags (refused for a teacher not .onnx)."""
+    from facedistill.teachers import CLI_PREPROCESSING_KEYS, create_teacher
+
+    preprocessing = _teacher_preprocessing(teacher, colour_order, mean, std)
+    return create_teacher(teacher, preprocessing=preprocessing, preprocessing_keys=CLI_PREPROCESSING_KEYS)
 
 
 def _fail(error: Exception) -> NoReturn:
@@ -103,6 +175,9 @@ def train(
 def distill(
     data: Annotated[Path | None, typer.Option(help="Training set: identity folders or RecordIO.")] = None,
     teacher: Annotated[str | None, typer.Option(help="sface, an .onnx file or a .pth checkpoint.")] = None,
+    teacher_colour_order: TeacherColourOrder = None,
+    teacher_mean: TeacherMean = None,
+    teacher_std: TeacherStd = None,
     cache: Annotated[Path | None, typer.Option(help="Teacher cache directory (cache-teacher).")] = None,
     method: Annotated[
         str | None,
@@ -124,6 +199,14 @@ def distill(
         sets.append(f"data.train={data}")
     if teacher:
         sets.append(f"teacher.spec={teacher}")
+    try:
+        # teacher.colour_order, teacher.mean, teacher.std; written as JSON, which YAML reads back as the same values
+        # (a bare "1,2,3" would be one string). The config refuses them where teacher.spec (here or in the config's
+        # file) is not an .onnx model.
+        preprocessing = _preprocessing_flags(teacher_colour_order, teacher_mean, teacher_std)
+    except ValueError as error:
+        _fail(error)
+    sets += [f"teacher.{field}={json.dumps(value)}" for field, value in preprocessing.items()]
     if cache:
         sets.append(f"teacher.cache={cache}")
     if output:
@@ -136,6 +219,9 @@ def cache_teacher(
     teacher: Annotated[str, typer.Option(help="sface, an .onnx file or a .pth checkpoint.")],
     data: Annotated[Path, typer.Option(help="Training set: identity folders or RecordIO.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Cache directory.")],
+    teacher_colour_order: TeacherColourOrder = None,
+    teacher_mean: TeacherMean = None,
+    teacher_std: TeacherStd = None,
     batch_size: int = 64,
     workers: int = 2,
     overwrite: bool = False,
@@ -147,13 +233,13 @@ def cache_teacher(
     """Embed every training image and its mirror with the teacher, once (resumable)."""
     from facedistill.data.datasets import open_training_set
     from facedistill.data.splits import read_identity_list
-    from facedistill.teachers import create_teacher
     from facedistill.teachers.cache import build_teacher_cache
 
     try:
         excluded = read_identity_list(exclude) if exclude is not None else None
+        model = _cli_teacher(teacher, teacher_colour_order, teacher_mean, teacher_std)
         cache = build_teacher_cache(
-            create_teacher(teacher), open_training_set(data, exclude=excluded), out, batch_size, workers, overwrite
+            model, open_training_set(data, exclude=excluded), out, batch_size, workers, overwrite
         )
     except (ValueError, FileNotFoundError, OSError) as error:
         _fail(error)
@@ -179,6 +265,33 @@ def cache_images(
     typer.echo(f"decoded {len(cache)} images of {cache.num_classes} identities into {out}")
 
 
+# The models a run directory holds, in the order `facedistill eval RUN_DIR` takes them when its results.json does not
+# name one: arcface_torch's train_v2.py writes model.pt (the backbone after the last epoch), facedistill's loop
+# last.pt and, with data.val_pairs, best.pt.
+RUN_MODELS = ("model.pt", "last.pt", "best.pt")
+
+
+def _run_model(path: Path) -> Path:
+    """``path`` itself, or for a run directory the model it reports: the checkpoint its ``results.json`` selected
+    (facedistill's loop: ``train.select``), else the first of ``RUN_MODELS`` there. Said on stderr, so the results
+    on stdout stay as they are; a directory with none of them is refused naming what was looked for."""
+    if not path.is_dir():
+        return path
+    selected = None
+    # No results.json (an arcface_torch run, an unfinished facedistill run): the file names decide.
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        selected = json.loads((path / "results.json").read_text()).get("selected")
+    names = [selected] if isinstance(selected, str) else []
+    for name in [*names, *RUN_MODELS]:
+        if (path / name).is_file():
+            typer.echo(f"evaluating {path / name}", err=True)
+            return path / name
+    raise ValueError(
+        f"{path} is a run directory with no model in it: looked for results.json's selected checkpoint, model.pt "
+        "(arcface_torch's train_v2.py), last.pt and best.pt (facedistill's training); name the checkpoint file"
+    )
+
+
 @app.command("eval")
 def evaluate(
     model: Annotated[Path | None, typer.Argument(help="facedistill checkpoint (.pt).")] = None,
@@ -189,7 +302,12 @@ def evaluate(
     root: Annotated[Path | None, typer.Option(help="Dataset folder of the protocol (LFW, CFP, IJB, MegaFace).")] = None,
     images: Annotated[Path | None, typer.Option(help="Image root for pairs.txt/TSV.")] = None,
     aligned: Annotated[Path | None, typer.Option(help="Aligned 112x112 copies of the protocol's images.")] = None,
-    teacher: Annotated[str | None, typer.Option(help="Evaluate a teacher instead (sface, .onnx, .pth).")] = None,
+    teacher: Annotated[
+        str | None, typer.Option(help="Evaluate a teacher instead (sface, .onnx, .pth), e.g. an exported student.")
+    ] = None,
+    teacher_colour_order: TeacherColourOrder = None,
+    teacher_mean: TeacherMean = None,
+    teacher_std: TeacherStd = None,
     out: Annotated[Path | None, typer.Option(help="Write results JSON and ROC plot here.")] = None,
     flip: bool = True,
     batch_size: int = 256,
@@ -209,14 +327,14 @@ def evaluate(
             raise ValueError("give either a checkpoint or --teacher")
         if protocol.lower() not in PROTOCOLS:
             raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+        _teacher_preprocessing(teacher, teacher_colour_order, teacher_mean, teacher_std)
         if teacher is not None:
-            from facedistill.teachers import create_teacher
-
-            embed = create_teacher(teacher).embed
+            embed = _cli_teacher(teacher, teacher_colour_order, teacher_mean, teacher_std).embed
             label = teacher
         else:
             from facedistill.train.checkpoint import load_student
 
+            model = _run_model(model)
             student, _ = load_student(model)
             embed = student_embedder(student)
             label = model.parent.name or model.stem
@@ -499,6 +617,9 @@ def compare(
     data: Annotated[Path, typer.Option(help="Training set: identity folders or RecordIO.")],
     teacher: Annotated[str, typer.Option(help="sface, an .onnx file or a .pth checkpoint.")],
     pairs: Annotated[Path, typer.Option(help="Test pairs: LFW pairs.txt, .bin or TSV.")],
+    teacher_colour_order: TeacherColourOrder = None,
+    teacher_mean: TeacherMean = None,
+    teacher_std: TeacherStd = None,
     images: Annotated[Path | None, typer.Option(help="Image root of --pairs.")] = None,
     config: Annotated[Path | None, typer.Option(help="Shared recipe (a train config).")] = None,
     overrides: SetOption = None,
@@ -512,7 +633,6 @@ def compare(
     from facedistill.config import ConfigError, load_config
     from facedistill.distill import method_class
     from facedistill.pipeline import compare_methods, markdown_table
-    from facedistill.teachers import create_teacher
     from facedistill.train.recipe import validate_config
 
     try:
@@ -534,7 +654,8 @@ def compare(
             specs[entry.replace(":", "+").replace(",", "+")] = {"method": method}
         base = recipe.to_dict()
         base.pop("method")
-        rows, _ = compare_methods(out, data, create_teacher(teacher), pairs, images, specs, base)
+        model = _cli_teacher(teacher, teacher_colour_order, teacher_mean, teacher_std)
+        rows, _ = compare_methods(out, data, model, pairs, images, specs, base)
     except (ConfigError, KeyError, ValueError, FileNotFoundError, OSError) as error:
         _fail(error)
     typer.echo(markdown_table(rows, pairs.stem))
@@ -547,13 +668,20 @@ def demo(
     pairs: Annotated[Path | None, typer.Option(help="Real test pairs (LFW pairs.txt).")] = None,
     images: Annotated[Path | None, typer.Option(help="Image root of --pairs.")] = None,
     teacher: Annotated[str | None, typer.Option(help="Teacher for real data, e.g. sface.")] = None,
+    teacher_colour_order: TeacherColourOrder = None,
+    teacher_mean: TeacherMean = None,
+    teacher_std: TeacherStd = None,
     epochs: Annotated[float | None, typer.Option(help="Student epochs (default: 4 generated, 6 real).")] = None,
 ) -> None:
     """The whole pipeline: teacher, cache, ArcFace and MarginDistillation students, evaluation, table, plot."""
     from facedistill.demo import run_demo
 
     try:
-        run_demo(out, data=data, pairs=pairs, images=images, teacher=teacher, epochs=epochs)
+        chosen: Any = teacher
+        if _teacher_preprocessing(teacher, teacher_colour_order, teacher_mean, teacher_std) and data is not None:
+            # Built here, where the flags are named; without --data the demo refuses --teacher itself.
+            chosen = _cli_teacher(teacher, teacher_colour_order, teacher_mean, teacher_std)  # type: ignore[arg-type]
+        run_demo(out, data=data, pairs=pairs, images=images, teacher=chosen, epochs=epochs)
     except (ValueError, FileNotFoundError, OSError) as error:
         _fail(error)
 

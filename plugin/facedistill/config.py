@@ -106,6 +106,29 @@ class TeacherSection:
     subtract_mean: bool = False
     # Mirrored training images take the teacher embedding of the mirror image (the cache holds both).
     mirror_rows: bool = True
+    # An .onnx teacher's input convention, for a file that does not say it (facedistill export writes it into the
+    # model's metadata, which these may repeat but not contradict): channel order, and mean and std on raw 0..255
+    # values, a number or one per channel in the model's order.
+    colour_order: Literal["RGB", "BGR"] | None = None
+    mean: float | tuple[float, float, float] | None = None
+    std: float | tuple[float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("colour_order", "mean", "std") if getattr(self, name) is not None]
+        # Set for any other teacher they would be ignored (sface and checkpoints bring their own): say so.
+        if given and (self.spec is None or Path(self.spec).suffix.lower() != ".onnx"):
+            raise ConfigError(
+                f"teacher.{given[0]} applies to an .onnx teacher only; teacher.spec = {self.spec!r} has its own "
+                "preprocessing: leave it out"
+            )
+        std = self.std if isinstance(self.std, tuple) else (self.std,)
+        if 0 in std:
+            raise ConfigError(f"teacher.std must not be zero, got {self.std!r}")
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The preprocessing keys that are set, for ``facedistill.teachers.create_teacher(preprocessing=...)``."""
+        values = {"colour_order": self.colour_order, "mean": self.mean, "std": self.std}
+        return {name: value for name, value in values.items() if value is not None}
 
 
 @dataclass

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from facedistill.config import Config, from_dict
 from facedistill.data.synthetic import write_identity_folders, write_pairs_tsv
 from facedistill.pipeline import compare_methods, markdown_table
+
+if TYPE_CHECKING:
+    from facedistill.teachers import Teacher
 
 
 @dataclass(frozen=True)
@@ -78,13 +81,14 @@ def run_demo(
     data: Path | None = None,
     pairs: Path | None = None,
     images: Path | None = None,
-    teacher: str | None = None,
+    teacher: str | Teacher | None = None,
     epochs: float | None = None,
     setup: SyntheticSetup | None = None,
     progress: bool = True,
 ) -> str:
-    """Run the pipeline on generated faces (no ``data``) or on real ones; return the results table."""
-    from facedistill.teachers import create_teacher
+    """Run the pipeline on generated faces (no ``data``) or on real ones; return the results table. ``teacher`` is a
+    spec or a teacher already built (the command line builds an .onnx teacher with its preprocessing keys)."""
+    from facedistill.teachers import Teacher, create_teacher
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +108,7 @@ def run_demo(
         if pairs is None or teacher is None:
             raise ValueError("with --data also give --pairs (and --images for LFW pairs.txt) and --teacher")
         recipe = student_recipe(epochs or 6.0, 128, 128)
-    teacher_model = create_teacher(teacher)
+    teacher_model = teacher if isinstance(teacher, Teacher) else create_teacher(teacher)
     recipe["model"]["embedding_size"] = teacher_model.embedding_size
     rows, _ = compare_methods(
         out / "compare", data, teacher_model, pairs, images, student_methods(32.0), recipe, progress=progress

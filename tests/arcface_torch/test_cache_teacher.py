@@ -79,7 +79,7 @@ def emulated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[_Recorder
 
     def teacher(cfg: Any, device: str = "cpu") -> Any:
         seen["teacher_device"] = device
-        return SimpleNamespace(teacher_id="t")
+        return SimpleNamespace(teacher_id="t", embedding_size=512)
 
     def build(*args: Any, **kwargs: Any) -> None:
         seen["build"] = kwargs
@@ -98,6 +98,9 @@ def emulated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[_Recorder
     monkeypatch.setattr(cache, "method_name", lambda cfg: "margin_distillation")
     monkeypatch.setattr(cache, "create_recipe_teacher", teacher)
     monkeypatch.setattr(cache, "open_framework_dataset", lambda rec: object())
+    # The recipe's checks against its data and teacher (tested for real in test_refusals_config.py).
+    monkeypatch.setattr(cache, "check_training_set", lambda cfg, dataset: None)
+    monkeypatch.setattr(cache, "check_teacher", lambda cfg, embedding_size, *args, **kwargs: [])
     monkeypatch.setattr(cache, "build_teacher_cache", build)
     monkeypatch.setattr(cache, "TeacherCache", Cache)
     recorder.install(monkeypatch)

@@ -39,7 +39,8 @@ for label, root in (("framework", upstream), ("patched", patched)):
             torch.Tensor.cuda = lambda self, *args, **kwargs: self
             head = pfc.PartialFC_V2(margin_loss, 32, 50, sample_rate, False)
         else:
-            cfg = edict(embedding_size=32, num_classes=50, sample_rate=sample_rate)
+            # Synthetic data: build_head has no training set to check the class count against.
+            cfg = edict(embedding_size=32, num_classes=50, sample_rate=sample_rate, rec="synthetic")
             head = hooks.build_head(cfg, margin_loss, pfc.PartialFC_V2)
         torch.manual_seed(1)
         embeddings = torch.randn(16, 32, requires_grad=True)

@@ -120,7 +120,13 @@ def hunk_containing(fp: FilePatch, line: bytes):
 
 def test_generated_patch_set_layout(trees: Trees) -> None:
     names = sorted(p.name for p in trees.patches.iterdir())
-    assert names == ["manifest.json", "partial_fc_v2.py.diff", "train_v2.py.diff", "utils__utils_config.py.diff"]
+    assert names == [
+        "manifest.json",
+        "partial_fc_v2.py.diff",
+        "train_v2.py.diff",
+        "upstream.json",
+        "utils__utils_config.py.diff",
+    ]
     loaded = PatchSet.load(trees.patches)
     assert loaded.commit == "0159b24d44cbc91abbd07b7a6fab0ba923a7fddf"
     assert sorted(loaded.files) == FILES
@@ -174,7 +180,8 @@ def test_make_refuses_unchanged_or_absent_files_and_drops_stale_diffs(trees: Tre
         make_patch_set(trees.upstream, trees.edited, trees.patches, ["../train_v2.py"])
     (trees.patches / "README.md").write_text("kept")
     make_patch_set(trees.upstream, trees.edited, trees.patches, ["train_v2.py"])
-    assert sorted(p.name for p in trees.patches.iterdir()) == ["README.md", "manifest.json", "train_v2.py.diff"]
+    names = sorted(p.name for p in trees.patches.iterdir())
+    assert names == ["README.md", "manifest.json", "train_v2.py.diff", "upstream.json"]
 
 
 @settings(max_examples=300, deadline=None)

@@ -127,6 +127,18 @@ def test_metadata(exported):
     assert report.metadata.items() <= meta.items()
 
 
+def test_metadata_says_how_the_input_is_normalised_in_keys_a_teacher_reads(exported):
+    # An exported student evaluated as a teacher (``facedistill eval --teacher model.onnx``) takes its preprocessing
+    # from these keys: RGB, (x - 127.5) / 127.5 on raw 0..255 values, as the student was trained.
+    _, report = exported
+    meta = read_onnx_metadata(report.path)
+    assert (meta["facedistill.colour_order"], meta["facedistill.mean"], meta["facedistill.std"]) == (
+        "RGB",
+        "127.5",
+        "127.5",
+    )
+
+
 def test_callers_model_is_untouched(exported):
     model, _ = exported
     fresh = _model(train=True)

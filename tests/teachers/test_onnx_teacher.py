@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 from PIL import Image
 from torch import nn
 
-from facedistill.teachers import TEACHERS, OnnxTeacher, Preprocessing, create_teacher
+from facedistill.teachers import TEACHERS, OnnxTeacher, Preprocessing, PreprocessingKeys, create_teacher
 from facedistill.teachers.onnx_teacher import sanitise_graph
 
 HEIGHT, WIDTH = 24, 20  # deliberately not square, so a swapped H/W cannot pass
@@ -166,7 +166,7 @@ def test_create_teacher_for_onnx_paths_and_ids(tiny_onnx: Path) -> None:
     assert isinstance(teacher, OnnxTeacher)
     digest = hashlib.sha256(tiny_onnx.read_bytes()).hexdigest()
     assert teacher.teacher_id == f"tiny-{digest[:16]}-BGR_mean127.5_std128"
-    with pytest.raises(ValueError, match="needs preprocessing"):
+    with pytest.raises(ValueError, match="tiny.onnx needs preprocessing"):
         create_teacher(str(tiny_onnx))
     with pytest.raises(ValueError, match="unknown teacher"):
         create_teacher("no-such-teacher")
@@ -213,6 +213,113 @@ def test_stale_graph_inputs_are_removed_in_memory_only(tmp_path: Path) -> None:
 
     again = onnx.load(str(path))
     assert sanitise_graph(again) and [i.name for i in again.graph.input] == ["data"]
+
+
+# --- Preprocessing: the model's own (facedistill export's metadata), else the keys a front end was given -------
+
+CLI_KEYS = PreprocessingKeys("--teacher-colour-order", "--teacher-mean", "--teacher-std")
+RECIPE_KEYS = PreprocessingKeys("config.teacher_colour_order", "config.teacher_mean", "config.teacher_std")
+
+
+@pytest.fixture(scope="module")
+def exported_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model written by ``facedistill export``: RGB, (x - 127.5) / 127.5, said in its metadata."""
+    from facedistill.export.onnx import export_onnx
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("exported") / "student.onnx"
+    return export_onnx(TinyEmbedder(), path, input_size=(HEIGHT, WIDTH), exporter="torchscript").path
+
+
+def _one_line_error(call: object, *args: object, **kwargs: object) -> str:
+    with pytest.raises(ValueError) as info:
+        call(*args, **kwargs)  # type: ignore[operator]
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_an_exported_model_brings_its_own_preprocessing(exported_onnx: Path) -> None:
+    teacher = OnnxTeacher(exported_onnx)
+    assert teacher.preprocessing == Preprocessing("RGB", 127.5, 127.5)
+    images = random_faces(3, seed=4)
+    x = ((images.numpy().astype(np.float32) - 127.5) / 127.5).astype(np.float32)
+    expected = ort.InferenceSession(str(exported_onnx), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert np.abs(teacher.embed(images).numpy() - expected).max() < 1e-5
+    digest = hashlib.sha256(exported_onnx.read_bytes()).hexdigest()
+    assert teacher.teacher_id == f"student-{digest[:16]}-RGB_mean127.5_std127.5"
+    assert create_teacher(str(exported_onnx)).teacher_id == teacher.teacher_id
+    # Keys that agree with the metadata change nothing, one of them or all three, a number or one per channel.
+    for given in ({"colour_order": "RGB"}, {"mean": (127.5, 127.5, 127.5)}, Preprocessing("RGB", 127.5, 127.5)):
+        assert OnnxTeacher(exported_onnx, given, preprocessing_keys=CLI_KEYS).teacher_id == teacher.teacher_id
+
+
+def test_an_export_older_than_the_preprocessing_keys_is_read_from_its_input_convention(
+    exported_onnx: Path, tmp_path: Path
+) -> None:
+    model = onnx.load(str(exported_onnx))
+    kept = [
+        p
+        for p in model.metadata_props
+        if p.key not in ("facedistill.colour_order", "facedistill.mean", "facedistill.std")
+    ]
+    assert len(kept) == len(model.metadata_props) - 3
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    old = tmp_path / "old_student.onnx"
+    onnx.save(model, str(old))
+    assert OnnxTeacher(old).preprocessing == Preprocessing("RGB", 127.5, 127.5)
+    message = _one_line_error(OnnxTeacher, old, {"colour_order": "BGR"}, preprocessing_keys=CLI_KEYS)
+    assert "--teacher-colour-order = BGR contradicts" in message
+    assert "facedistill.input = 'float32 NCHW RGB 24x20, (x-127.5)/127.5'" in message
+
+
+def test_keys_that_contradict_the_models_metadata_are_refused_naming_both(exported_onnx: Path) -> None:
+    message = _one_line_error(OnnxTeacher, exported_onnx, {"mean": 0.0}, preprocessing_keys=CLI_KEYS)
+    assert message.startswith(f"{exported_onnx}: --teacher-mean = 0 contradicts the model's metadata")
+    assert "facedistill.mean = 127.5" in message
+    message = _one_line_error(
+        create_teacher,
+        str(exported_onnx),
+        preprocessing={"colour_order": "BGR", "std": 127.5},
+        preprocessing_keys=RECIPE_KEYS,
+    )
+    assert "config.teacher_colour_order = BGR" in message and "facedistill.colour_order = RGB" in message
+
+
+def test_a_model_that_does_not_say_is_refused_in_one_line_naming_the_keys_to_set(tiny_onnx: Path) -> None:
+    message = _one_line_error(OnnxTeacher, tiny_onnx)
+    assert message.startswith(f"{tiny_onnx} needs preprocessing")
+    assert "set preprocessing.colour_order, preprocessing.mean and preprocessing.std" in message
+    # Only the keys still missing are named, as the front end spells them.
+    message = _one_line_error(
+        create_teacher, str(tiny_onnx), preprocessing={"colour_order": "BGR"}, preprocessing_keys=RECIPE_KEYS
+    )
+    assert "set config.teacher_mean and config.teacher_std" in message and "config.teacher_colour_order" not in message
+    given = {"colour_order": "BGR", "mean": 127.5, "std": [128, 128, 128]}
+    teacher = create_teacher(str(tiny_onnx), preprocessing=given, preprocessing_keys=CLI_KEYS)
+    assert teacher.preprocessing == Preprocessing("BGR", 127.5, (128.0, 128.0, 128.0))
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"colour_order": "GBR"}, "--teacher-colour-order must be RGB or BGR, got 'GBR'"),
+        ({"mean": "a lot"}, "--teacher-mean must be a number or three numbers, got 'a lot'"),
+        ({"std": (1.0, 2.0)}, "--teacher-std must be a number or three numbers, got (1.0, 2.0)"),
+        ({"std": 0}, "--teacher-std must not be zero"),
+        ({"scale": 1}, "unknown preprocessing key 'scale'"),
+    ],
+)
+def test_a_bad_preprocessing_key_is_refused_by_its_name(tiny_onnx: Path, given: dict, message: str) -> None:
+    assert message in _one_line_error(OnnxTeacher, tiny_onnx, given, preprocessing_keys=CLI_KEYS)
+
+
+def test_preprocessing_keys_are_for_onnx_teachers_only() -> None:
+    message = _one_line_error(create_teacher, "sface", preprocessing={"mean": 0.0}, preprocessing_keys=CLI_KEYS)
+    assert message.startswith("--teacher-mean applies to an .onnx teacher only")
+    message = _one_line_error(create_teacher, "run/model.pt", preprocessing={"std": 1.0}, preprocessing_keys=CLI_KEYS)
+    assert message.startswith("--teacher-std applies to an .onnx teacher only")
 
 
 # --- SFace, the bundled OpenCV Zoo model --------------------------------------------------------------------

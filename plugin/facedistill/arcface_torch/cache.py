@@ -10,6 +10,11 @@ different ranks (equal shares of rows, not of time: a resumed cache, a slower GP
 group on the CPU, which NCCL's watchdog (10 minutes by default, then the job is aborted) does not watch, for as
 long as ``wait`` (``--wait-hours``); a rank that dies still ends the wait at once (gloo sees the closed connection,
 and torchrun stops the others). Each process embeds on GPU ``LOCAL_RANK``, bound before any group exists.
+
+Before any image is embedded, the recipe is checked as training will check it (``recipe.check_training_set``,
+``head.check_teacher``): class and image counts against ``config.rec``, the teacher's embedding size, its head's
+shard files and class count, and ``config.teacher_subtract_mean`` against the centres it would centre. A cache
+that training would refuse is never built.
 """
 
 from __future__ import annotations
@@ -25,7 +30,14 @@ import torch
 import torch.distributed as dist
 
 from facedistill.arcface_torch.data import open_framework_dataset
-from facedistill.arcface_torch.recipe import CACHE_COMMAND, RecipeError, method_name, teacher_cache_dir
+from facedistill.arcface_torch.head import check_teacher
+from facedistill.arcface_torch.recipe import (
+    CACHE_COMMAND,
+    RecipeError,
+    check_training_set,
+    method_name,
+    teacher_cache_dir,
+)
 from facedistill.arcface_torch.teacher import create_recipe_teacher
 from facedistill.teachers.cache import TeacherCache, build_teacher_cache
 
@@ -93,9 +105,12 @@ def cache_recipe_teacher(
         raise RecipeError(f"{config} sets no facedistill method with a teacher (config.loss, config.teacher)")
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = rank_device(int(os.environ.get("LOCAL_RANK", 0)))
-    group, owns_group = join_ranks(wait) if world_size > 1 else (None, False)
-    teacher = create_recipe_teacher(cfg, device=device)
+    # Every rank refuses a recipe that training would refuse before any group exists, and so before it embeds.
     dataset = open_framework_dataset(cfg.rec)
+    check_training_set(cfg, dataset)
+    teacher = create_recipe_teacher(cfg, device=device)
+    check_teacher(cfg, teacher.embedding_size, rank, world_size, read_head=True)
+    group, owns_group = join_ranks(wait) if world_size > 1 else (None, False)
     directory = teacher_cache_dir(cfg)
     build_teacher_cache(
         teacher,

@@ -13,6 +13,9 @@ teacher and its cache before training starts.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
@@ -23,14 +26,16 @@ from facedistill.arcface_torch.recipe import (
     RECIPE_TEACHER_KEYS,
     Recipe,
     RecipeError,
+    check_training_set,
     method_name,
     recipe_method,
     teacher_cache_dir,
 )
 from facedistill.arcface_torch.teacher import recipe_teacher_id, teacher_head_shards
 from facedistill.distill.base import DistillMethod, MethodContext
-from facedistill.distill.context import TeacherSpec, build_teacher_side
+from facedistill.distill.context import TeacherSide, TeacherSpec, build_teacher_side, check_centre_source
 from facedistill.teachers.cache import TeacherCache, centre_rows
+from facedistill.teachers.centres import load_centre_shard
 
 
 class DistillHead(nn.Module):
@@ -50,6 +55,8 @@ class DistillHead(nn.Module):
         self.register_buffer("teacher_offset", teacher_offset, persistent=False)
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.step = 0
+        # What the run distils, in one line (method, preset, centres and their files, cache), for the start-up log.
+        self.summary = ""
 
     def forward(
         self, local_embeddings: torch.Tensor, local_labels: torch.Tensor, teacher_rows: torch.Tensor | None = None
@@ -73,6 +80,32 @@ class DistillHead(nn.Module):
         return sum(terms.values())  # type: ignore[return-value]
 
 
+def check_teacher(
+    cfg: Recipe, embedding_size: int, rank: int = 0, world_size: int = 1, read_head: bool = False
+) -> list[Path]:
+    """The recipe's teacher against the recipe, from the teacher's files alone: its embedding size, its head's shard
+    files (``teacher_head_shards``) and where the centres come from (``config.teacher_centres``,
+    ``config.teacher_subtract_mean``). Training runs it before it reads the cache, ``cache-teacher`` before it embeds
+    a single image (with ``read_head``: this rank's block of the head, read as training will read it, so a head of
+    another class count is refused before hours of embedding). Returns the head's shard files, in rank order."""
+    if embedding_size != int(cfg.embedding_size):
+        raise RecipeError(
+            f"the teacher gives {embedding_size}-d embeddings but config.embedding_size = {cfg.embedding_size}: "
+            f"{method_name(cfg)} trains the student against the teacher's centres, so set config.embedding_size = "
+            f"{embedding_size}"
+        )
+    shards = teacher_head_shards(cfg)
+    centres = cfg.get("teacher_centres") or "auto"
+    subtract_mean = bool(cfg.get("teacher_subtract_mean", False))
+    try:
+        head = check_centre_source(centres, subtract_mean, shards, teacher_cache_dir(cfg), RECIPE_TEACHER_KEYS)
+        if read_head and head is not None and shards:
+            load_centre_shard(shards, int(cfg.num_classes), embedding_size, rank, world_size)
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
+    return shards
+
+
 def build_distill_head(cfg: Recipe, rank: int, world_size: int) -> DistillHead:
     """The ``DistillHead`` of the recipe's method, after checking its teacher, cache, classes and embedding size
     against the recipe; every refusal names both numbers or both sources and says what to do. The teacher side
@@ -81,12 +114,8 @@ def build_distill_head(cfg: Recipe, rank: int, world_size: int) -> DistillHead:
     name = method_name(cfg)
     method_cls, params = recipe_method(cfg)
     dataset = open_framework_dataset(cfg.rec)
+    check_training_set(cfg, dataset)
     num_classes = int(cfg.num_classes)
-    if dataset.num_classes != num_classes:
-        raise RecipeError(
-            f"config.num_classes = {cfg.num_classes} but {cfg.rec} holds {dataset.num_classes} identities; set "
-            "config.num_classes to the training set's"
-        )
     cache_dir = teacher_cache_dir(cfg)
     try:
         cache = TeacherCache(cache_dir, CACHE_COMMAND)
@@ -96,12 +125,7 @@ def build_distill_head(cfg: Recipe, rank: int, world_size: int) -> DistillHead:
             "(under torchrun, each rank embeds a share)"
         ) from None
     cache.check(dataset, recipe_teacher_id(cfg))
-    if cache.embedding_size != int(cfg.embedding_size):
-        raise RecipeError(
-            f"the teacher gives {cache.embedding_size}-d embeddings but config.embedding_size = {cfg.embedding_size}: "
-            f"{name} trains the student against the teacher's centres, so set config.embedding_size = "
-            f"{cache.embedding_size}"
-        )
+    head_shards = check_teacher(cfg, cache.embedding_size)
     steps_per_epoch = int(cfg.num_image) // (int(cfg.batch_size) * world_size)
     shard = world_size > 1 and method_cls.head_can_shard(params)
     context = MethodContext(num_classes, int(cfg.embedding_size), steps_per_epoch=steps_per_epoch, shard_heads=shard)
@@ -113,7 +137,7 @@ def build_distill_head(cfg: Recipe, rank: int, world_size: int) -> DistillHead:
         num_classes,
         centres=cfg.get("teacher_centres") or "auto",
         subtract_mean=bool(cfg.get("teacher_subtract_mean", False)),
-        head_shards=teacher_head_shards(cfg),
+        head_shards=head_shards,
         local=method_cls.takes_local_centres,
         rank=rank if shard else 0,
         world_size=world_size if shard else 1,
@@ -128,4 +152,23 @@ def build_distill_head(cfg: Recipe, rank: int, world_size: int) -> DistillHead:
         from facedistill.train.distributed import check_replicated_parameters
 
         check_replicated_parameters(method, name or "")
-    return DistillHead(method, steps_per_epoch, side.offset)
+    head = DistillHead(method, steps_per_epoch, side.offset)
+    head.summary = _summary(cfg, params, side, head_shards, cache)
+    return head
+
+
+def _summary(cfg: Recipe, params: Any, side: TeacherSide, head_shards: list[Path], cache: TeacherCache) -> str:
+    """``facedistill: METHOD (preset P) from teacher T; centres: SOURCE; teacher cache DIR``: what the run distils,
+    where the centres come from (which files), and which cache it reads, so a log says which run it was."""
+    preset = getattr(params, "preset", None)
+    method = f"{method_name(cfg)} (preset {preset})" if preset else str(method_name(cfg))
+    if side.source == "head" and head_shards:
+        names = head_shards[0].name if len(head_shards) == 1 else f"{head_shards[0].name} .. {head_shards[-1].name}"
+        centres = f"the teacher's head, {len(head_shards)} PartialFC shard file(s) in {head_shards[0].parent} ({names})"
+    elif side.source == "head":
+        centres = f"the teacher's head, {cache.directory / 'head_centres.npy'}"
+    else:
+        centred = ", centred (config.teacher_subtract_mean)" if side.offset is not None else ""
+        centres = f"per-class means of the cached teacher embeddings{centred}"
+    teacher = f"{cfg.teacher} ({cache.teacher_id})"
+    return f"facedistill: {method} from teacher {teacher}; centres: {centres}; teacher cache {cache.directory}"

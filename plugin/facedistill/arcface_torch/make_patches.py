@@ -1,7 +1,8 @@
 """Regenerate facedistill's patch set from an upstream arcface_torch tree and an edited copy of it (maintainers).
 
 ``facedistill arcface-torch make-patches UPSTREAM EDITED patches/arcface_torch FILE...`` writes one unified diff per
-file and the manifest of hashes that ``facedistill.arcface_torch.patching`` applies and reverts by.
+file, the manifest of hashes that ``facedistill.arcface_torch.patching`` applies and reverts by, and ``upstream.json``
+(the pinned upstream text of each file, from which a refusal shows the first line a local edit changed).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from facedistill.arcface_torch.patching import (
     NO_NEWLINE_MARKER,
     UPSTREAM_COMMIT,
     UPSTREAM_NAME,
+    UPSTREAM_TEXTS_NAME,
     FilePatch,
     PatchError,
     PatchSet,
@@ -26,6 +28,7 @@ from facedistill.arcface_torch.patching import (
     read_file,
     sha256_bytes,
     split_lines,
+    texts_str,
 )
 
 CONTEXT_LINES = 3
@@ -83,7 +86,8 @@ def make_patch_set(
     files: Iterable[str],
     commit: str = UPSTREAM_COMMIT,
 ) -> PatchSet:
-    """Write one ``.diff`` per file plus ``manifest.json`` into ``out_dir`` from an upstream tree and an edited copy.
+    """Write one ``.diff`` per file plus ``manifest.json`` and ``upstream.json`` into ``out_dir`` from an upstream tree
+    and an edited copy.
 
     Each diff is parsed back and applied to the upstream bytes before anything is written, so a set that does not
     reproduce the edited copy byte-for-byte is never produced. Diffs named by an older manifest in ``out_dir`` but
@@ -96,6 +100,7 @@ def make_patch_set(
     names: dict[str, str] = {}
     entries: dict[str, dict[str, str]] = {}
     diffs: dict[str, bytes] = {}
+    originals: dict[str, str] = {}
     for rel in sorted(set(rels)):
         old = read_file(upstream_root, rel)
         new = read_file(patched_root, rel)
@@ -114,6 +119,7 @@ def make_patch_set(
         if check.patch_bytes(old) != new or check.unpatch_bytes(new) != old:
             raise PatchError(f"{rel}: the generated diff does not reproduce the file (a bug in the generator)")
         diffs[name] = diff
+        originals[rel] = texts_str(old)
         entries[rel] = {"upstream_sha256": check.upstream_sha256, "patched_sha256": check.patched_sha256, "diff": name}
     out.mkdir(parents=True, exist_ok=True)
     stale = _previous_diffs(out) - set(diffs)
@@ -121,6 +127,9 @@ def make_patch_set(
         (out / name).write_bytes(diff)
     manifest = {"upstream": UPSTREAM_NAME, "commit": commit, "files": entries}
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    texts = {"upstream": UPSTREAM_NAME, "commit": commit, "files": originals}
+    # ASCII JSON: a byte that is not UTF-8 is written as its lone-surrogate escape and read back as the same byte.
+    (out / UPSTREAM_TEXTS_NAME).write_text(json.dumps(texts, indent=1) + "\n", encoding="utf-8")
     for name in stale:
         (out / name).unlink(missing_ok=True)
     return PatchSet.load(out)

@@ -6,7 +6,9 @@ what happens: a file is patched only when it is byte-identical to upstream arcfa
 reverted only when it is byte-identical to the patched version. That is stricter than ``patch``/``git apply`` on
 purpose: a fuzzy apply onto a different upstream revision would produce a training script nobody has tested, and a
 silently half-patched checkout is worse than an error. The hunks are still parsed and checked, because when a file
-is refused the first hunk that does not match (and the line that differs) is what tells the user *why*.
+is refused the first hunk that does not match (and the line that differs) is what tells the user *why*. A file
+whose hunks all match but that has other local edits is compared line by line with the pinned upstream file
+(``upstream.json``, shipped beside the diffs, or the patched file rebuilt from it) to show the first line that differs.
 
 Every operation reads every file first and writes nothing unless all of them can be handled; writes are atomic
 (temporary file + ``os.replace``, keeping the file mode) and verified against the manifest's hash afterwards, with
@@ -19,6 +21,8 @@ make-patches`` (``facedistill.arcface_torch.make_patches``).
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import hashlib
 import importlib.resources
 import json
@@ -39,6 +43,9 @@ except ImportError:  # Python 3.10 has it only in importlib.abc
 UPSTREAM_NAME = "insightface recognition/arcface_torch"
 UPSTREAM_COMMIT = "0159b24d44cbc91abbd07b7a6fab0ba923a7fddf"
 MANIFEST_NAME = "manifest.json"
+# The pinned upstream text of every patched file: a diff only holds the lines around its hunks, so without it a local
+# edit elsewhere in the file could be detected (by its hash) but not shown.
+UPSTREAM_TEXTS_NAME = "upstream.json"
 NO_NEWLINE_MARKER = b"\\ No newline at end of file"
 # The file whose presence identifies an arcface_torch folder (it is the script the patches exist for).
 MARKER_FILE = "train_v2.py"
@@ -130,6 +137,8 @@ class FilePatch:
     patched_sha256: str
     diff: str
     hunks: tuple[Hunk, ...]
+    # The pinned upstream file itself (``upstream.json``), when the patch set ships it; None otherwise.
+    upstream_bytes: bytes | None = None
 
     def patch_bytes(self, data: bytes) -> bytes:
         """``data`` (upstream bytes) with the hunks applied; ``PatchError`` naming the first hunk that does not fit."""
@@ -192,12 +201,50 @@ class PatchSet:
                 raise PatchError(f"patch set {base}: {diff_name} (the diff of {path}) is missing")
             hunks = parse_diff(diff_file.read_bytes(), path, source=diff_name)
             files[path] = FilePatch(path, entry["upstream_sha256"], entry["patched_sha256"], diff_name, hunks)
+        texts = _load_upstream_texts(base, files)
+        files = {path: dataclasses.replace(fp, upstream_bytes=texts.get(path)) for path, fp in files.items()}
         return cls(str(base), str(upstream), commit, files)
 
     @property
     def short_commit(self) -> str:
         """The pinned commit as people quote it (8 hex digits)."""
         return self.commit[:8]
+
+
+def _load_upstream_texts(base: Traversable, files: dict[str, FilePatch]) -> dict[str, bytes]:
+    """The pinned upstream bytes of each patched file from ``upstream.json`` (absent: none), each checked against
+    the manifest's hash, so a refusal never shows a line of some other revision."""
+    texts_file = base.joinpath(UPSTREAM_TEXTS_NAME)
+    if not texts_file.is_file():
+        return {}
+    try:
+        texts = json.loads(texts_file.read_bytes().decode("utf-8"))["files"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise PatchError(
+            f"{texts_file}: not a facedistill {UPSTREAM_TEXTS_NAME} ({exc}); regenerate the patch set"
+        ) from None
+    out: dict[str, bytes] = {}
+    for path, fp in files.items():
+        if not isinstance(texts.get(path), str):
+            continue
+        data = texts_bytes(texts[path])
+        if sha256_bytes(data) != fp.upstream_sha256:
+            raise PatchError(
+                f"{UPSTREAM_TEXTS_NAME} in {base}: {path} is not the upstream file of {MANIFEST_NAME} (another "
+                "sha256); regenerate the patch set"
+            )
+        out[path] = data
+    return out
+
+
+def texts_str(data: bytes) -> str:
+    """A file's bytes as ``upstream.json`` stores them: UTF-8, any other byte kept as a lone surrogate (which JSON
+    writes as ``\\udcXX``), so every file round-trips byte for byte."""
+    return data.decode("utf-8", "surrogateescape")
+
+
+def texts_bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
 
 
 @dataclass(frozen=True)
@@ -532,7 +579,24 @@ def _explain_modified(fp: FilePatch, data: bytes, patch_set: PatchSet, reverse: 
             kind = "upstream" if reverse else "patched"
             text += f"; it looks like a {kind} file with local edits"
         return text
-    return f"{head}; all hunks of {fp.diff} match but the file has other local changes"
+    text = f"{head}; all hunks of {fp.diff} match but the file has other local changes"
+    if fp.upstream_bytes is None:  # a patch set without upstream.json: the hash says it differs, not where
+        return text
+    pinned = fp.patch_bytes(fp.upstream_bytes) if reverse else fp.upstream_bytes
+    return f"{text}: {_first_difference(split_lines(pinned), lines, wanted)}"
+
+
+def _first_difference(pinned: list[bytes], lines: list[bytes], wanted: str) -> str:
+    """The first line where ``lines`` (the user's file) departs from ``pinned``, in the user's line numbers."""
+    matcher = difflib.SequenceMatcher(None, pinned, lines, autojunk=False)
+    for tag, i1, _, j1, _ in matcher.get_opcodes():
+        if tag == "replace":
+            return f"line {j1 + 1} is {_show(lines[j1])} where {wanted} has {_show(pinned[i1])}"
+        if tag == "insert":
+            return f"line {j1 + 1}, {_show(lines[j1])}, is not in {wanted}"
+        if tag == "delete":
+            return f"{wanted}'s line {i1 + 1}, {_show(pinned[i1])}, is missing after line {j1}"
+    return f"the lines equal {wanted}'s but the bytes do not"
 
 
 def _refusal_message(base: Path, patch_set: PatchSet, reverse: bool, problems: list[str]) -> str:
@@ -544,7 +608,8 @@ def _refusal_message(base: Path, patch_set: PatchSet, reverse: bool, problems: l
     )
     if reverse:
         remedy += " Restoring a file from upstream also discards its facedistill patch, which is what revert wants."
-    body = "\n".join(f"  - {problem}" for problem in problems)
+    # One sentence per file: the CLI prints the refusal on one line, where a missing full stop runs them together.
+    body = "\n".join(f"  - {problem}{'' if problem.endswith('.') else '.'}" for problem in problems)
     return f"cannot {what} {base}; nothing was changed:\n{body}\n{remedy}"
 
 

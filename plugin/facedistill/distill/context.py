@@ -90,21 +90,7 @@ class TeacherSide:
 
 def build_teacher_side(spec: TeacherSpec) -> TeacherSide:
     """The centres, typicalities (or their max) and row offset of ``spec``; refusals name ``spec.keys``."""
-    if spec.centres not in CENTRE_SOURCES:
-        raise ConfigError(f"{spec.keys.centres} = {spec.centres!r} is not one of {', '.join(CENTRE_SOURCES)}")
-    head_kind = _head_kind(spec)
-    if spec.subtract_mean and head_kind is not None:
-        raise ConfigError(
-            f"{spec.keys.subtract_mean} centres the mean class centres, but the teacher has its own head "
-            f"({head_kind}) and {spec.keys.centres} = {spec.centres!r} takes it; set {spec.keys.centres} = 'mean' "
-            f"or turn {spec.keys.subtract_mean} off"
-        )
-    if spec.centres == "head" and head_kind is None:
-        raise ConfigError(
-            f"{spec.keys.centres} = 'head' but the teacher has no head (no head_centres.npy in teacher cache "
-            f"{spec.cache.directory}, no checkpoint_gpu_*.pt of a run saved with save_all_states = True); use "
-            "'mean' or 'auto'"
-        )
+    head_kind = check_centre_source(spec.centres, spec.subtract_mean, spec.head_shards, spec.cache.directory, spec.keys)
     rank, world = (spec.rank, spec.world_size) if spec.local else (0, 1)
     offset = spec.cache.mean_embedding(rank, world) if spec.subtract_mean else None
     source = ("mean-centred" if offset is not None else "mean") if head_kind is None else "head"
@@ -118,14 +104,38 @@ def build_teacher_side(spec: TeacherSpec) -> TeacherSide:
     return TeacherSide(offset, source, local_centres=local, typicality_max=_global_max(peak, world))
 
 
-def _head_kind(spec: TeacherSpec) -> str | None:
-    """Where the teacher's own head would come from under ``spec.centres``, or None for mean centres."""
-    if spec.centres == "mean":
+def check_centre_source(
+    centres: str, subtract_mean: bool, head_shards: Sequence[Path], cache_directory: Path, keys: TeacherKeys
+) -> str | None:
+    """Where the teacher's own head comes from under ``centres`` (None: mean centres), after refusing a centre
+    source the teacher cannot give and ``subtract_mean`` with a head. Needs only the teacher's files, not its cache
+    rows, so a front end can check a config before the cache is built (arcface_torch's ``cache-teacher``)."""
+    if centres not in CENTRE_SOURCES:
+        raise ConfigError(f"{keys.centres} = {centres!r} is not one of {', '.join(CENTRE_SOURCES)}")
+    head_kind = _head_kind(centres, head_shards, cache_directory)
+    if subtract_mean and head_kind is not None:
+        raise ConfigError(
+            f"{keys.subtract_mean} centres the mean class centres, but the teacher has its own head "
+            f"({head_kind}) and {keys.centres} = {centres!r} takes it; set {keys.centres} = 'mean' "
+            f"or turn {keys.subtract_mean} off"
+        )
+    if centres == "head" and head_kind is None:
+        raise ConfigError(
+            f"{keys.centres} = 'head' but the teacher has no head (no head_centres.npy in teacher cache "
+            f"{cache_directory}, no checkpoint_gpu_*.pt of a run saved with save_all_states = True); use "
+            "'mean' or 'auto'"
+        )
+    return head_kind
+
+
+def _head_kind(centres: str, head_shards: Sequence[Path], cache_directory: Path) -> str | None:
+    """Where the teacher's own head would come from under ``centres``, or None for mean centres."""
+    if centres == "mean":
         return None
-    if spec.head_shards:
-        return f"{len(spec.head_shards)} PartialFC shard file(s) of its run"
-    if (spec.cache.directory / "head_centres.npy").exists():
-        return f"head_centres.npy in teacher cache {spec.cache.directory}"
+    if head_shards:
+        return f"{len(head_shards)} PartialFC shard file(s) of its run"
+    if (cache_directory / "head_centres.npy").exists():
+        return f"head_centres.npy in teacher cache {cache_directory}"
     return None
 
 

@@ -2,7 +2,9 @@
 
 Convention of every facedistill ONNX file (also written into the model's ``metadata_props``):
 
-* input ``"input"``: float32, NCHW, RGB, ``112 x 112`` by default, normalised as ``(x - 127.5) / 127.5``;
+* input ``"input"``: float32, NCHW, RGB, ``112 x 112`` by default, normalised as ``(x - 127.5) / 127.5``, said
+  in text (``facedistill.input``) and in keys an ONNX teacher reads (``facedistill.colour_order``, ``.mean``,
+  ``.std``), so that ``facedistill eval --teacher model.onnx`` and distillation from it need nothing else;
 * output ``"embedding"``: ``[B, d]`` raw embedding, *not* L2-normalised (the norm carries quality
   information some consumers use; normalising is one line downstream, un-normalising is impossible);
 * dynamic batch dimension, opset >= 17.
@@ -29,9 +31,14 @@ from torch import nn
 from facedistill import __version__
 
 __all__ = [
+    "INPUT_COLOUR_ORDER",
+    "INPUT_MEAN",
+    "INPUT_METADATA",
     "INPUT_NAME",
+    "INPUT_STD",
     "MIN_OPSET",
     "OUTPUT_NAME",
+    "PREPROCESSING_METADATA",
     "ExportReport",
     "export_onnx",
     "read_onnx_metadata",
@@ -42,6 +49,14 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
 MIN_OPSET = 17
 _META_PREFIX = "facedistill."
+# How an exported model's input is made from raw 0..255 RGB faces: as the student was trained
+# (facedistill.data.images.normalise).
+INPUT_COLOUR_ORDER = "RGB"
+INPUT_MEAN = 127.5
+INPUT_STD = 127.5
+# The metadata keys that say it to a machine (Preprocessing's fields -> key); facedistill.input says it to a person.
+PREPROCESSING_METADATA = {field: f"{_META_PREFIX}{field}" for field in ("colour_order", "mean", "std")}
+INPUT_METADATA = f"{_META_PREFIX}input"
 # Trace with one batch size and verify with another, so a batch size baked into the graph cannot pass.
 _TRACE_BATCH = 2
 _VERIFY_BATCH = 4
@@ -238,7 +253,11 @@ def export_onnx(
 def _metadata(model: nn.Module, h: int, w: int, embedding_size: int, extra: Mapping[str, str] | None) -> dict[str, str]:
     """The ``metadata_props`` of an export: facedistill's convention, then ``extra`` (which may override it)."""
     meta: dict[str, str] = {
-        f"{_META_PREFIX}input": f"float32 NCHW RGB {h}x{w}, (x-127.5)/127.5",
+        INPUT_METADATA: f"float32 NCHW {INPUT_COLOUR_ORDER} {h}x{w}, (x-{INPUT_MEAN:g})/{INPUT_STD:g}",
+        # repr: the shortest text that reads back as the same float.
+        PREPROCESSING_METADATA["colour_order"]: INPUT_COLOUR_ORDER,
+        PREPROCESSING_METADATA["mean"]: repr(INPUT_MEAN),
+        PREPROCESSING_METADATA["std"]: repr(INPUT_STD),
         f"{_META_PREFIX}output": "raw embedding, not L2-normalised",
         f"{_META_PREFIX}input_name": INPUT_NAME,
         f"{_META_PREFIX}output_name": OUTPUT_NAME,

@@ -3,13 +3,18 @@
 Faces travel through facedistill as ``uint8`` tensors ``[B, 3, H, W]`` in RGB order. Teachers were trained
 with very different input conventions (channel order, mean, scale), so each teacher declares its own
 :class:`Preprocessing` and applies it itself; callers never normalise images for a teacher.
+
+An ONNX teacher's preprocessing comes from its file when facedistill exported it, else from keys the user sets in a
+front end (command line, YAML config, arcface_torch recipe): :class:`PreprocessingKeys` is how each front end spells
+them, so that a refusal names the keys the user can edit.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, cast
@@ -22,10 +27,15 @@ ColourOrder = Literal["RGB", "BGR"]
 Triple = tuple[float, float, float]
 
 
+def _is_number(value: object) -> bool:
+    # A YAML or Python ``True`` is an int, but no one means a mean of 1 by it.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _as_scalar_or_triple(value: object, field: str) -> float | Triple:
-    if isinstance(value, (int, float)):
-        return float(value)
-    numbers = isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) for v in value)
+    if _is_number(value):
+        return float(value)  # type: ignore[arg-type]
+    numbers = isinstance(value, (tuple, list)) and all(_is_number(v) for v in value)
     if numbers and len(value) == 3:  # type: ignore[arg-type]
         return (float(value[0]), float(value[1]), float(value[2]))  # type: ignore[index]
     raise ValueError(f"Preprocessing.{field} must be a number or three numbers, got {value!r}")
@@ -83,6 +93,95 @@ class Preprocessing:
     def describe(self) -> str:
         """Short, file-name-safe summary, part of every teacher id (changing it invalidates caches)."""
         return f"{self.colour_order}_mean{_fmt(self.mean)}_std{_fmt(self.std)}"
+
+
+PREPROCESSING_FIELDS = ("colour_order", "mean", "std")
+
+
+class PreprocessingError(ValueError):
+    """A teacher's preprocessing is missing, malformed, given for a teacher that has its own, or contradicts what
+    its model says; the one-line message names the keys to set or leave out."""
+
+
+@dataclass(frozen=True)
+class PreprocessingKeys:
+    """How a front end spells the three preprocessing keys, so that a refusal names the ones the user can edit."""
+
+    colour_order: str = "preprocessing.colour_order"
+    mean: str = "preprocessing.mean"
+    std: str = "preprocessing.std"
+
+    def of(self, field: str) -> str:
+        return str(getattr(self, field))
+
+    def listed(self, fields: Sequence[str]) -> str:
+        """``"a"``, ``"a and b"``, ``"a, b and c"``: the keys of ``fields``."""
+        names = [self.of(field) for field in fields]
+        return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+# The Python API's (``OnnxTeacher(path, preprocessing=...)``), the command line's flags (the commands that take
+# --teacher) and the YAML config's teacher section; an arcface_torch recipe's keys are its own
+# (facedistill.arcface_torch.recipe.RECIPE_PREPROCESSING_KEYS).
+PYTHON_PREPROCESSING_KEYS = PreprocessingKeys()
+CLI_PREPROCESSING_KEYS = PreprocessingKeys("--teacher-colour-order", "--teacher-mean", "--teacher-std")
+CONFIG_PREPROCESSING_KEYS = PreprocessingKeys("teacher.colour_order", "teacher.mean", "teacher.std")
+
+
+def given_preprocessing(
+    value: Preprocessing | Mapping[str, object] | tuple | list | None,
+    keys: PreprocessingKeys = PYTHON_PREPROCESSING_KEYS,
+) -> dict[str, object]:
+    """The preprocessing fields a caller gave, each checked on its own and normalised (numbers to floats or three
+    floats): a :class:`Preprocessing` or ``(colour_order, mean, std)`` gives all three, a mapping those of its keys
+    that are not None. Whether they are enough is the model's to say (:func:`resolve_preprocessing`)."""
+    if value is None:
+        return {}
+    if isinstance(value, Preprocessing):
+        return {field: getattr(value, field) for field in PREPROCESSING_FIELDS}
+    if isinstance(value, (tuple, list)):
+        if len(value) != 3:
+            raise PreprocessingError(f"preprocessing must be (colour_order, mean, std), got {value!r}")
+        value = dict(zip(PREPROCESSING_FIELDS, value, strict=True))
+    if not isinstance(value, Mapping):
+        raise TypeError(f"cannot build a Preprocessing from {value!r}")
+    unknown = sorted(str(key) for key in set(value) - set(PREPROCESSING_FIELDS))
+    if unknown:
+        raise PreprocessingError(f"unknown preprocessing key {unknown[0]!r}; known: {', '.join(PREPROCESSING_FIELDS)}")
+    checked: dict[str, object] = {}
+    for field in PREPROCESSING_FIELDS:
+        given = value.get(field)
+        if given is None:
+            continue
+        key = keys.of(field)
+        if field == "colour_order":
+            if given not in ("RGB", "BGR"):
+                raise PreprocessingError(f"{key} must be RGB or BGR, got {given!r}")
+            checked[field] = given
+            continue
+        try:
+            number = _as_scalar_or_triple(given, field)
+        except ValueError:
+            raise PreprocessingError(f"{key} must be a number or three numbers, got {given!r}") from None
+        if field == "std" and 0.0 in (number if isinstance(number, tuple) else (number,)):
+            raise PreprocessingError(f"{key} must not be zero, got {given!r}")
+        checked[field] = number
+    return checked
+
+
+def same_preprocessing_value(a: object, b: object) -> bool:
+    """Whether two values of one field mean the same: a number equals three equal numbers (floats compared to
+    1e-6, as a value read back from text may have been rounded)."""
+    if isinstance(a, str) or isinstance(b, str):
+        return a == b
+    first = a if isinstance(a, tuple) else (a, a, a)
+    second = b if isinstance(b, tuple) else (b, b, b)
+    return all(math.isclose(float(x), float(y), rel_tol=1e-6, abs_tol=1e-9) for x, y in zip(first, second, strict=True))
+
+
+def format_preprocessing_value(value: object) -> str:
+    """A field's value as messages show it (``BGR``, ``127.5``, ``0.5,0.5,0.5``)."""
+    return value if isinstance(value, str) else _fmt(value)  # type: ignore[arg-type]
 
 
 def _channel_tensor(value: float | Triple, like: torch.Tensor) -> torch.Tensor:

@@ -3,14 +3,19 @@
 Face-recognition ONNX files in the wild are often exported with a fixed batch of 1 and carry leftovers from
 their converters (initializers repeated as graph inputs, inputs that no node reads). Both are repaired in
 memory at load time; the file on disk is never touched.
+
+Nor do they say how their input was normalised, except those ``facedistill export`` wrote: their metadata does
+(``facedistill.colour_order``, ``facedistill.mean``, ``facedistill.std``; older exports in ``facedistill.input``), and
+a teacher takes it from there. Any other file needs the three given by the caller.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -20,12 +25,20 @@ import onnxruntime as ort
 import torch
 from onnx import shape_inference
 
+from facedistill.export.onnx import INPUT_METADATA, PREPROCESSING_METADATA
 from facedistill.teachers.base import (
+    PREPROCESSING_FIELDS,
+    PYTHON_PREPROCESSING_KEYS,
     TEACHERS,
     Preprocessing,
+    PreprocessingError,
+    PreprocessingKeys,
     Teacher,
     check_images,
+    format_preprocessing_value,
+    given_preprocessing,
     make_teacher_id,
+    same_preprocessing_value,
     sha256_file,
 )
 
@@ -172,6 +185,83 @@ def session_providers(
     return [(name, {"device_id": index}) if name in GPU_PROVIDERS else name for name in requested]
 
 
+# facedistill.input as every facedistill export has written it, e.g. "float32 NCHW RGB 112x112, (x-127.5)/127.5".
+_INPUT_CONVENTION = re.compile(
+    r"^float32 NCHW (?P<colour_order>RGB|BGR) \d+x\d+, \(x-(?P<mean>[0-9.eE+-]+)\)/(?P<std>[0-9.eE+-]+)$"
+)
+
+
+def _metadata_numbers(text: str) -> float | tuple[float, ...]:
+    values = tuple(float(part) for part in text.split(","))
+    return values[0] if len(values) == 1 else values
+
+
+def metadata_preprocessing(metadata: Mapping[str, str], source: str) -> tuple[Preprocessing, dict[str, str]] | None:
+    """The preprocessing facedistill wrote into a model's ``metadata_props``, with, for each field, the metadata it
+    was read from (``key = value``, for messages); None when facedistill wrote none.
+
+    Read from ``facedistill.colour_order``/``mean``/``std``, else from the ``facedistill.input`` text of exports
+    older than those keys. Keys that are there but incomplete or unreadable are refused: a half-written convention
+    must not be completed by a guess."""
+    written = {field: metadata[key] for field, key in PREPROCESSING_METADATA.items() if key in metadata}
+    if written:
+        missing = [PREPROCESSING_METADATA[field] for field in PREPROCESSING_FIELDS if field not in written]
+        shown = ", ".join(f"{PREPROCESSING_METADATA[field]} = {value!r}" for field, value in written.items())
+        if missing:
+            raise PreprocessingError(
+                f"{source}: its metadata has {shown} but not {', '.join(missing)}; re-export it with facedistill export"
+            )
+        try:
+            found = Preprocessing(
+                written["colour_order"],  # type: ignore[arg-type]
+                _metadata_numbers(written["mean"]),
+                _metadata_numbers(written["std"]),
+            )
+        except ValueError as error:
+            raise PreprocessingError(f"{source}: unreadable preprocessing metadata ({shown}): {error}") from None
+        return found, {field: f"{PREPROCESSING_METADATA[field]} = {written[field]}" for field in PREPROCESSING_FIELDS}
+    text = metadata.get(INPUT_METADATA)
+    match = _INPUT_CONVENTION.match(text) if text is not None else None
+    if match is None:
+        return None
+    try:
+        found = Preprocessing(match["colour_order"], float(match["mean"]), float(match["std"]))  # type: ignore[arg-type]
+    except ValueError:
+        return None
+    return found, {field: f"{INPUT_METADATA} = {text!r}" for field in PREPROCESSING_FIELDS}
+
+
+def resolve_preprocessing(
+    source: str,
+    metadata: Mapping[str, str],
+    given: Preprocessing | Mapping[str, object] | tuple | list | None,
+    keys: PreprocessingKeys = PYTHON_PREPROCESSING_KEYS,
+) -> Preprocessing:
+    """An ONNX model's preprocessing: what its facedistill metadata says, which the ``given`` keys may repeat but
+    not contradict; else the ``given`` keys, all three. Refusals are one line naming ``source`` and the keys as
+    ``keys`` spells them."""
+    explicit = given_preprocessing(given, keys)
+    written = metadata_preprocessing(metadata, source)
+    if written is not None:
+        found, read_from = written
+        for field, value in explicit.items():
+            if not same_preprocessing_value(value, getattr(found, field)):
+                key = keys.of(field)
+                raise PreprocessingError(
+                    f"{source}: {key} = {format_preprocessing_value(value)} contradicts the model's metadata "
+                    f"{read_from[field]} (how facedistill export normalised its input); leave {key} out"
+                )
+        return found
+    missing = [field for field in PREPROCESSING_FIELDS if field not in explicit]
+    if missing:
+        raise PreprocessingError(
+            f"{source} needs preprocessing: its metadata does not say how its input is normalised (facedistill export "
+            f"writes facedistill.colour_order, facedistill.mean and facedistill.std); set {keys.listed(missing)}: the "
+            "channel order and the mean and std on raw 0..255 values the model was trained with"
+        )
+    return Preprocessing(**explicit)  # type: ignore[arg-type]
+
+
 _ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
@@ -181,7 +271,11 @@ class OnnxTeacher(Teacher):
 
     Args:
         path: the ``.onnx`` file.
-        preprocessing: the model's input convention (colour order, mean, std on raw 0..255 values).
+        preprocessing: the model's input convention (colour order, mean, std on raw 0..255 values): a
+            :class:`Preprocessing`, ``(colour_order, mean, std)`` or a mapping of some of them. A file that
+            ``facedistill export`` wrote says it in its metadata, and what is given must agree with it; any other
+            file needs all three.
+        preprocessing_keys: how the caller's front end spells the preprocessing keys, for its refusals.
         batch_size: images per onnxruntime call.
         intra_op_threads: onnxruntime intra-op threads; ``None`` shares the cores among the processes of this
             host (``os.cpu_count() // LOCAL_WORLD_SIZE``: under torchrun each rank embeds a share).
@@ -211,24 +305,23 @@ class OnnxTeacher(Teacher):
         fold_quantized_weights: bool = True,
         device: Device | None = None,
         providers: Sequence[str] | None = None,
+        preprocessing_keys: PreprocessingKeys = PYTHON_PREPROCESSING_KEYS,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.path}")
-        if preprocessing is None:
-            raise ValueError(
-                f"OnnxTeacher({self.path.name}) needs preprocessing=Preprocessing(colour_order, mean, std): "
-                "an ONNX file does not say how its input was normalised"
-            )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.preprocessing = Preprocessing.coerce(preprocessing)
+        # Checked before the file is read: a malformed key is the caller's to fix whatever the model says.
+        given_preprocessing(preprocessing, preprocessing_keys)
         self.batch_size = batch_size
         self.intra_op_threads = intra_op_threads or default_threads()
         self._providers = session_providers(providers, device)
         self.graph_fixes: list[str] = []
 
         model = onnx.load(str(self.path))
+        metadata = {prop.key: prop.value for prop in model.metadata_props}
+        self.preprocessing = resolve_preprocessing(str(self.path), metadata, preprocessing, preprocessing_keys)
         self.graph_fixes = sanitise_graph(model)
         for change in self.graph_fixes:
             log.info("%s: %s", self.path.name, change)

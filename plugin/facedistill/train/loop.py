@@ -157,9 +157,15 @@ def prepare_method_context(
     cache = TeacherCache(config.teacher.cache)
     teacher_id = None
     if config.teacher.spec:
-        from facedistill.teachers import create_teacher
+        from facedistill.teachers import CONFIG_PREPROCESSING_KEYS, create_teacher
 
-        teacher_id = create_teacher(config.teacher.spec).teacher_id
+        # An .onnx teacher's preprocessing is part of its id: the same keys the cache was built with give the same id.
+        teacher = create_teacher(
+            config.teacher.spec,
+            preprocessing=config.teacher.preprocessing(),
+            preprocessing_keys=CONFIG_PREPROCESSING_KEYS,
+        )
+        teacher_id = teacher.teacher_id
     cache.check(dataset, teacher_id)
     if cache.embedding_size != config.model.embedding_size:
         raise ValueError(
