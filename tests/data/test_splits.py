@@ -242,7 +242,7 @@ def test_split_and_pack_commands(faces, written, tmp_path) -> None:
 
 
 def test_cache_teacher_command_excludes_the_listed_identities(faces, written, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(facedistill.teachers, "create_teacher", lambda spec: ProjectionTeacher())
+    monkeypatch.setattr(facedistill.teachers, "create_teacher", lambda spec, **keys: ProjectionTeacher())
     args = ["cache-teacher", "--teacher", "x", "--data", str(faces), "--out", str(tmp_path / "c"), "--workers", "0"]
     result = runner.invoke(app, [*args, "--exclude", str(written[0])])
     assert result.exit_code == 0, result.output
