@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import importlib.util
 import sys
 import threading
 import traceback
@@ -26,7 +25,7 @@ from torch.utils.data import Dataset
 from facedistill.arcface_torch import refusals
 from facedistill.arcface_torch.patching import apply
 from facedistill.data.recordio import RecordIOError
-from tests.arcface_torch.helpers import UPSTREAM, copy_upstream
+from tests.arcface_torch.helpers import UPSTREAM, copy_upstream, import_patched_dataset
 
 BAD_RECORD = "train.rec: record #2 is truncated (read 10 of 4096 bytes); repack it with `facedistill pack`"
 
@@ -38,19 +37,7 @@ def patched_dataset(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
         pytest.skip(f"upstream arcface_torch snapshot not found at {UPSTREAM} (expected in ../shared beside the repo)")
     root = copy_upstream(tmp_path_factory.mktemp("cuda_loader") / "arcface_torch")
     apply(root)
-    before = set(sys.modules)
-    sys.path.insert(0, str(root))
-    try:
-        spec = importlib.util.spec_from_file_location("patched_dataset_cuda_loader", root / "dataset.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(root))
-        for name in set(sys.modules) - before:  # the checkout's `utils` package must not shadow another's
-            if name == "utils" or name.startswith("utils."):
-                del sys.modules[name]
-    return module
+    return import_patched_dataset(root, "patched_dataset_cuda_loader")
 
 
 class _Stream:

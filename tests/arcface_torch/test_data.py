@@ -13,6 +13,7 @@ import torch
 from facedistill.arcface_torch.data import FrameworkFaces, TeacherRows, load_bin, normalise_like_upstream
 from facedistill.data.images import random_shift
 from facedistill.data.verification import PairsFormatError, write_bin
+from tests.arcface_torch.helpers import import_patched_dataset
 
 
 def _pack(path: Path, issame: np.ndarray) -> Path:
@@ -101,17 +102,7 @@ def test_a_negative_shift_is_refused() -> None:
 
 
 def test_the_patched_get_dataloader_hands_config_shift_to_the_dataset(patched_checkout: Path) -> None:
-    import importlib.util
-    import sys
-
-    sys.path.insert(0, str(patched_checkout))
-    try:
-        spec = importlib.util.spec_from_file_location("patched_dataset", patched_checkout / "dataset.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(patched_checkout))
+    module = import_patched_dataset(patched_checkout, "patched_dataset")
     data = str(patched_checkout / "data" / "tiny")
     assert module.get_dataloader(data, 0, 4, num_workers=0).dataset.shift == 0
     teacher = TeacherRows(Path(data) / "teacher_cache", "facedistill arcface-torch cache-teacher CONFIG")

@@ -10,22 +10,18 @@ read the rows itself.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import re
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
-from easydict import EasyDict as edict
 from torch.utils.data import get_worker_info
 
 from facedistill.arcface_torch.data import normalise_like_upstream
 from facedistill.arcface_torch.head import DistillHead
 from facedistill.teachers.cache import TeacherCache
-from tests.arcface_torch.helpers import run, torchrun
+from tests.arcface_torch.helpers import import_patched_dataset, run, tiny_md_recipe, torchrun
 
 MAIN_PROCESS_READ = "the training process read the teacher cache; its rows belong to the DataLoader workers"
 
@@ -78,34 +74,6 @@ def test_a_real_run_with_a_worker_never_reads_the_teacher_cache_in_the_training_
     assert marker.exists(), "no DataLoader worker read a teacher row"
 
 
-def _recipe(root: Path, **changes: object) -> edict:
-    """The tiny MD recipe as the framework loads it (base.py merged with the job file), with ``changes``."""
-    namespace: dict[str, Any] = {}
-    exec((root / "configs" / "base.py").read_text(), namespace)
-    cfg = namespace["config"]
-    job: dict[str, Any] = {}
-    exec((root / "configs" / "tiny_md.py").read_text(), job)
-    cfg.update(job["config"])
-    cfg.update(changes)
-    return cfg
-
-
-def _patched_dataset(root: Path) -> ModuleType:
-    before = set(sys.modules)
-    sys.path.insert(0, str(root))
-    try:
-        spec = importlib.util.spec_from_file_location("patched_dataset_teacher_rows", root / "dataset.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(root))
-        for name in set(sys.modules) - before:  # the checkout's `utils` package must not shadow another's
-            if name == "utils" or name.startswith("utils."):
-                del sys.modules[name]
-    return module
-
-
 def _old_forward(
     head: DistillHead,
     cache: TeacherCache,
@@ -138,7 +106,7 @@ def test_workers_serve_the_rows_and_the_head_gives_the_loss_it_gave_reading_them
     from facedistill.arcface_torch.head import build_distill_head
 
     monkeypatch.chdir(patched_checkout)
-    cfg = _recipe(patched_checkout, **changes)
+    cfg = tiny_md_recipe(patched_checkout, **changes)
     head = build_distill_head(cfg, 0, 1).train()
     assert (head.teacher_offset is not None) == bool(cfg.teacher_subtract_mean)
     before = copy.deepcopy(head)
@@ -151,7 +119,7 @@ def test_workers_serve_the_rows_and_the_head_gives_the_loss_it_gave_reading_them
         return original_rows(self, *args, **kwargs)
 
     monkeypatch.setattr(TeacherCache, "rows", rows_in_workers_only)
-    dataset = _patched_dataset(patched_checkout)
+    dataset = import_patched_dataset(patched_checkout, "patched_dataset_teacher_rows")
     loader = dataset.get_dataloader("data/tiny", 0, 8, num_workers=1, teacher=hooks.teacher_rows(cfg))
     images, labels, teacher = next(iter(loader))
     torch.manual_seed(0)

@@ -7,9 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
-from easydict import EasyDict as edict
 
-from tests.arcface_torch.helpers import LFW, facedistill, run, torchrun
+from tests.arcface_torch.helpers import LFW, facedistill, run, tiny_md_recipe, torchrun
 
 LOSS = re.compile(r"Loss (\d+\.\d+)")
 
@@ -60,18 +59,6 @@ def test_an_unknown_method_stops_the_run_in_one_line_listing_the_known_ones(patc
     assert not (patched_checkout / "work_dirs" / "tiny_foo" / "model.pt").exists()
 
 
-def _recipe(root: Path, **changes: object) -> edict:
-    """The tiny MD recipe as the framework loads it (base.py merged with the job file), with ``changes``."""
-    namespace: dict[str, object] = {}
-    exec((root / "configs" / "base.py").read_text(), namespace)
-    cfg = namespace["config"]
-    job: dict[str, object] = {}
-    exec((root / "configs" / "tiny_md.py").read_text(), job)
-    cfg.update(job["config"])
-    cfg.update(changes)
-    return cfg
-
-
 @pytest.fixture
 def in_checkout(patched_checkout: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(patched_checkout)
@@ -102,7 +89,7 @@ def test_a_teacher_of_another_embedding_size_is_refused_with_both_numbers(in_che
     from facedistill.arcface_torch.recipe import RecipeError
 
     with pytest.raises(RecipeError, match=r"128-d embeddings but config.embedding_size = 512"):
-        build_distill_head(_recipe(in_checkout, embedding_size=512), 0, 1)
+        build_distill_head(tiny_md_recipe(in_checkout, embedding_size=512), 0, 1)
 
 
 def test_a_class_count_other_than_the_datas_is_refused_with_both_numbers(in_checkout: Path) -> None:
@@ -110,7 +97,7 @@ def test_a_class_count_other_than_the_datas_is_refused_with_both_numbers(in_chec
     from facedistill.arcface_torch.recipe import RecipeError
 
     with pytest.raises(RecipeError, match=r"config.num_classes = 5 but data/tiny holds 6 identities"):
-        build_distill_head(_recipe(in_checkout, num_classes=5), 0, 1)
+        build_distill_head(tiny_md_recipe(in_checkout, num_classes=5), 0, 1)
 
 
 def test_a_teachers_head_with_other_classes_is_refused_with_both_numbers(in_checkout: Path, tmp_path: Path) -> None:
@@ -124,7 +111,7 @@ def test_a_teachers_head_with_other_classes_is_refused_with_both_numbers(in_chec
     cache = tmp_path / "cache"
     shutil.copytree(in_checkout / "data" / "tiny" / "teacher_cache", cache)
     np.save(cache / "head_centres.npy", np.random.default_rng(0).normal(size=(9, 128)).astype(np.float32))
-    cfg = _recipe(in_checkout, teacher_cache=str(cache), teacher_centres="head", teacher_subtract_mean=False)
+    cfg = tiny_md_recipe(in_checkout, teacher_cache=str(cache), teacher_centres="head", teacher_subtract_mean=False)
     with pytest.raises((RecipeError, ValueError), match=r"9 classes .* 6"):
         build_distill_head(cfg, 0, 1)
 
@@ -149,7 +136,7 @@ def test_a_cache_of_another_rec_or_teacher_is_refused(
     manifest[field] = value
     (cache / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=message) as refused:
-        build_distill_head(_recipe(in_checkout, teacher_cache=str(cache)), 0, 1)
+        build_distill_head(tiny_md_recipe(in_checkout, teacher_cache=str(cache)), 0, 1)
     # The plugin's own command, not the toolkit's `facedistill cache-teacher`.
     assert "rebuild it with `facedistill arcface-torch cache-teacher CONFIG --overwrite`" in str(refused.value)
 
@@ -165,7 +152,7 @@ def test_an_unfinished_cache_names_the_plugins_command(in_checkout: Path, tmp_pa
     done[-1] = 0  # the last chunk unwritten, as after a kill
     (cache / "chunks.done").write_bytes(bytes(done))
     with pytest.raises(ValueError, match="is incomplete") as refused:
-        build_distill_head(_recipe(in_checkout, teacher_cache=str(cache)), 0, 1)
+        build_distill_head(tiny_md_recipe(in_checkout, teacher_cache=str(cache)), 0, 1)
     assert "run `facedistill arcface-torch cache-teacher CONFIG` again to finish it" in str(refused.value)
 
 
@@ -174,7 +161,7 @@ def test_a_missing_cache_says_how_to_build_it(in_checkout: Path, tmp_path: Path)
     from facedistill.arcface_torch.recipe import RecipeError
 
     with pytest.raises(RecipeError, match=r"facedistill arcface-torch cache-teacher"):
-        build_distill_head(_recipe(in_checkout, teacher_cache=str(tmp_path / "none")), 0, 1)
+        build_distill_head(tiny_md_recipe(in_checkout, teacher_cache=str(tmp_path / "none")), 0, 1)
 
 
 @pytest.mark.parametrize("method", ["arcdistill", "kd", "angular", "margin_distillation"])
@@ -186,7 +173,7 @@ def test_the_zoos_methods_the_recipe_can_serve_build_and_score_a_batch(in_checko
     from facedistill.arcface_torch.head import build_distill_head
 
     params = {} if method != "margin_distillation" else {"kd_weight": 1.0}
-    cfg = _recipe(in_checkout, loss=method, loss_params=params)
+    cfg = tiny_md_recipe(in_checkout, loss=method, loss_params=params)
     head = build_distill_head(cfg, 0, 1)
     dataset = RecordFaceDataset("data/tiny", teacher=hooks.teacher_rows(cfg))
     batch = [dataset[index] for index in range(4)]
@@ -201,7 +188,7 @@ def test_methods_that_need_identity_balanced_batches_are_refused_with_the_reason
     from facedistill.arcface_torch.recipe import RecipeError, validate
 
     with pytest.raises(RecipeError, match="unknown method 'triplet' .*identity-balanced batches"):
-        validate(_recipe(in_checkout, loss="triplet"))
+        validate(tiny_md_recipe(in_checkout, loss="triplet"))
 
 
 def test_subtract_mean_centres_the_plugins_centres_rows_and_normaliser_as_the_toolkit_does(
@@ -221,7 +208,7 @@ def test_subtract_mean_centres_the_plugins_centres_rows_and_normaliser_as_the_to
     shutil.copytree(in_checkout / "data" / "tiny" / "teacher_cache", cache_dir)
     for stored in cache_dir.glob("mean_embedding.*"):
         stored.unlink()
-    cfg = _recipe(in_checkout, teacher_cache=str(cache_dir))
+    cfg = tiny_md_recipe(in_checkout, teacher_cache=str(cache_dir))
     assert cfg.teacher_subtract_mean and cfg.loss_params["preset"] == "facedistill"
     head = build_distill_head(cfg, 0, 1)
     # The toolkit's own single-process computation, from the whole cache: mean, centred mean centres, typicality.
@@ -254,10 +241,10 @@ def test_subtract_mean_with_a_head_centred_teacher_is_refused_naming_the_recipe_
     cache = tmp_path / "cache"
     shutil.copytree(in_checkout / "data" / "tiny" / "teacher_cache", cache)
     np.save(cache / "head_centres.npy", np.random.default_rng(0).normal(size=(6, 128)).astype(np.float32))
-    cfg = _recipe(in_checkout, teacher_cache=str(cache))
+    cfg = tiny_md_recipe(in_checkout, teacher_cache=str(cache))
     with pytest.raises(RecipeError, match=r"^config.teacher_subtract_mean centres .* config.teacher_centres = 'mean'"):
         build_distill_head(cfg, 0, 1)
-    head = build_distill_head(_recipe(in_checkout, teacher_cache=str(cache), teacher_centres="mean"), 0, 1)
+    head = build_distill_head(tiny_md_recipe(in_checkout, teacher_cache=str(cache), teacher_centres="mean"), 0, 1)
     assert head.teacher_offset is not None
 
 
@@ -269,12 +256,12 @@ def test_a_stored_mean_of_another_cache_is_refused(in_checkout: Path, tmp_path: 
 
     cache = tmp_path / "cache"
     shutil.copytree(in_checkout / "data" / "tiny" / "teacher_cache", cache)
-    build_distill_head(_recipe(in_checkout, teacher_cache=str(cache)), 0, 1)  # stores the mean
+    build_distill_head(tiny_md_recipe(in_checkout, teacher_cache=str(cache)), 0, 1)  # stores the mean
     manifest = json.loads((cache / "manifest.json").read_text())
     manifest["store_id"] = "0" * 32  # another build of the cache, as --overwrite makes
     (cache / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RecipeError, match=r"mean_embedding.npy is the mean embedding of another teacher cache"):
-        build_distill_head(_recipe(in_checkout, teacher_cache=str(cache)), 0, 1)
+        build_distill_head(tiny_md_recipe(in_checkout, teacher_cache=str(cache)), 0, 1)
 
 
 def test_the_official_preset_reads_the_original_images_row_for_a_mirror(in_checkout: Path) -> None:
@@ -284,7 +271,7 @@ def test_the_official_preset_reads_the_original_images_row_for_a_mirror(in_check
     from facedistill.arcface_torch.data import RecordFaceDataset
     from facedistill.arcface_torch.head import build_distill_head
 
-    cfg = _recipe(in_checkout, loss_params=dict(preset="official"), teacher_subtract_mean=False)
+    cfg = tiny_md_recipe(in_checkout, loss_params=dict(preset="official"), teacher_subtract_mean=False)
     head = build_distill_head(cfg, 0, 1)
     params = head.method.params
     assert (params.scale, params.normaliser, params.clamp, params.guard, params.past_pi) == (
@@ -296,7 +283,7 @@ def test_the_official_preset_reads_the_original_images_row_for_a_mirror(in_check
     flipped, unflipped = (torch.stack([teacher.row(i, mirrored) for i in range(4)]) for mirrored in (True, False))
     embeddings = torch.randn(4, 128)
     assert head(embeddings, labels, flipped).item() == pytest.approx(head(embeddings, labels, unflipped).item())
-    validated = build_distill_head(_recipe(in_checkout), 0, 1)
+    validated = build_distill_head(tiny_md_recipe(in_checkout), 0, 1)
     assert validated(embeddings, labels, flipped).item() != pytest.approx(
         validated(embeddings, labels, unflipped).item()
     )
@@ -307,4 +294,4 @@ def test_an_unknown_preset_is_refused_when_the_recipe_loads(in_checkout: Path) -
 
     message = r"config\.loss_params\[\"preset\"\]: 'paper' is not one of 'facedistill', 'official'$"
     with pytest.raises(RecipeError, match=message):
-        validate(_recipe(in_checkout, loss_params=dict(preset="paper")))
+        validate(tiny_md_recipe(in_checkout, loss_params=dict(preset="paper")))

@@ -40,6 +40,7 @@ from facedistill.arcface_torch.recipe import (
 )
 from facedistill.arcface_torch.teacher import create_recipe_teacher
 from facedistill.teachers.cache import TeacherCache, build_teacher_cache
+from facedistill.train.distributed import rank_device
 
 # How long a rank that finished its share waits for the slowest one: long enough for shares that end hours apart.
 DEFAULT_WAIT = datetime.timedelta(hours=24)
@@ -60,21 +61,6 @@ def load_recipe(config: str, root: str | Path = ".") -> Any:
     if str(checkout) not in sys.path:
         sys.path.insert(0, str(checkout))
     return importlib.import_module("utils.utils_config").get_config(config)
-
-
-def rank_device(local_rank: int) -> str:
-    """The device this process embeds on: GPU ``local_rank``, made the current device (so nothing that follows
-    falls back to GPU 0 or to a guess), or the CPU where there is no GPU."""
-    if not torch.cuda.is_available():
-        return "cpu"
-    count = torch.cuda.device_count()
-    if local_rank >= count:
-        raise ValueError(
-            f"LOCAL_RANK={local_rank} but this node has {count} GPU(s): start at most {count} processes per node "
-            "(torchrun --nproc_per_node)"
-        )
-    torch.cuda.set_device(local_rank)
-    return f"cuda:{local_rank}"
 
 
 def join_ranks(wait: datetime.timedelta) -> tuple[dist.ProcessGroup | None, bool]:
@@ -104,7 +90,9 @@ def cache_recipe_teacher(
     if method_name(cfg) is None or not cfg.get("teacher"):
         raise RecipeError(f"{config} sets no facedistill method with a teacher (config.loss, config.teacher)")
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = rank_device(int(os.environ.get("LOCAL_RANK", 0)))
+    # GPU LOCAL_RANK, bound before any group exists, or the CPU where there is no GPU.
+    host = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(rank_device(host, int(os.environ.get("LOCAL_RANK", 0))))
     # Every rank refuses a recipe that training would refuse before any group exists, and so before it embeds.
     dataset = open_framework_dataset(cfg.rec)
     check_training_set(cfg, dataset)

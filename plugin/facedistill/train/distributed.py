@@ -103,25 +103,27 @@ def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
         if world == 1:
             return Distributed(), device
         env = Distributed(rank, world, int(os.environ.get("LOCAL_RANK", rank)))
-        return env, _rank_device(device, env.local_rank)
+        return env, rank_device(device, env.local_rank)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Distributed(), device
     if not dist.is_available():
         raise RuntimeError(f"WORLD_SIZE={world}, but this PyTorch build has no torch.distributed")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _rank_device(device, local_rank)
+    device = rank_device(device, local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, device_id=device if device.type == "cuda" else None)
     return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=True), device
 
 
-def _rank_device(device: torch.device, local_rank: int) -> torch.device:
+def rank_device(device: torch.device, local_rank: int) -> torch.device:
+    """GPU ``local_rank`` made the current device (so nothing that follows falls back to GPU 0) when ``device`` is a
+    GPU, else ``device``; a rank beyond the node's GPUs is refused in one line."""
     if device.type != "cuda":
         return device
     count = torch.cuda.device_count()
     if local_rank >= count:
-        raise RuntimeError(
+        raise ValueError(
             f"LOCAL_RANK={local_rank} but this node has {count} GPU(s): start at most {count} processes per node "
             "(torchrun --nproc_per_node)"
         )
