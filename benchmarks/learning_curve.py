@@ -13,6 +13,14 @@ after it has finished. Nothing reads LFW during a run and nothing is chosen on i
     python benchmarks/learning_curve.py --out bench_out/curve --rows md_centred_kd_w2 --budgets 16 \\
         --results benchmarks/results/learning_curve_ablations_2026-12-04.json
 
+The distillation zoo (issue 42) runs through the same script: tuning and screening rows are trained and
+validated with ``--val-only`` (LFW is not read), and only the final rows read LFW, once, and are exported with
+``--export DIR`` (``facedistill export`` of the last checkpoint, DIR/ROW_BUDGETep_seedSEED.onnx)::
+
+    # tuning: every zoo row, 4 epochs, validation only
+    python benchmarks/learning_curve.py --out bench_out/zoo --rows zoo --budgets 4 --val-only \
+        --results benchmarks/results/zoo_tuning_2026-12-07.json --resume
+
 The results JSON is the study's memory: a (row, budget, seed) already in it with the same overrides is not run
 again, even when its run directory is gone, so commit it as rows finish and a later session continues. A finished
 run directory of the same config is reused; an interrupted one continues from its last checkpoint with
@@ -28,6 +36,7 @@ import csv
 import json
 import platform
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -56,10 +65,15 @@ TEACHER_RESULTS = study.ROOT / "benchmarks" / "results" / "cpu_protocol_2026-11-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench_out/curve"), help="run directories and the cache")
-    parser.add_argument("--rows", nargs="+", default=["arcface", "md_centred_kd"], choices=sorted(study.ROWS))
+    parser.add_argument(
+        "--rows", nargs="+", default=["arcface", "md_centred_kd"], choices=["zoo", *sorted(study.ROWS)],
+        help="rows of benchmarks/validation_study.py ('zoo': every zoo_* row)",
+    )  # fmt: skip
     parser.add_argument("--budgets", nargs="+", type=float, default=[4.0, 8.0, 16.0, 36.0], help="epochs")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--resume", action="store_true", help="continue interrupted runs from their last checkpoint")
+    parser.add_argument("--val-only", action="store_true", help="validation only: the test set is not read")
+    parser.add_argument("--export", type=Path, help="export each finished run's student to ONNX in this directory")
     parser.add_argument("--results", type=Path, help="results JSON (default OUT/learning_curve.json)")
     parser.add_argument("--cache", type=Path, help="teacher cache of the training set (default: built in OUT)")
     parser.add_argument("--teacher", default="sface", help="teacher spec for the cache ('none' with --cache)")
@@ -78,7 +92,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run (dotted keys)"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    zoo = [row for row in study.ROWS if row.startswith("zoo_")]
+    args.rows = list(dict.fromkeys(name for row in args.rows for name in (zoo if row == "zoo" else [row])))
+    return args
 
 
 def run_key(row: str, budget: float, seed: int) -> str:
@@ -129,6 +146,15 @@ def test_once(run_dir: Path, embedder: Any, test_set: Any) -> dict[str, Any]:
     return json.loads(saved.read_text())
 
 
+def export_student(checkpoint: Path, onnx_path: Path) -> None:
+    """The user's own command, so that the file is what ``facedistill export`` writes (metadata included)."""
+    if onnx_path.exists():
+        return
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "facedistill.cli", "export", str(checkpoint), "--output", str(onnx_path)]
+    subprocess.run(command, check=True)
+
+
 def measure_run(
     args: argparse.Namespace, row: str, budget: float, seed: int, config: Config, context: dict[str, Any]
 ) -> dict[str, Any]:
@@ -137,6 +163,8 @@ def measure_run(
     history = val_history(run_dir)
     student, _ = load_student(run_dir / "last.pt")
     embedder = student_embedder(student)
+    if args.export is not None:
+        export_student(run_dir / "last.pt", args.export / f"{run_key(row, budget, seed)}.onnx")
     angles = angles_to_centres(embedder, context["sample"], context["centres"](row), progress=False)
     return {
         "row": row,
@@ -151,7 +179,7 @@ def measure_run(
         "val_std": summary.validation["std"],
         "val_auc": history[-1].get("auc") if history else None,
         "final_train_loss": study.final_loss(run_dir),
-        "test": test_once(run_dir, embedder, context["test_set"]),
+        "test": None if args.val_only else test_once(run_dir, embedder, context["test_set"]),
         "angles": np.round(angles, 2).tolist(),
         "model": model_profile(config),
     }
@@ -182,11 +210,12 @@ def table(report: dict[str, Any], baseline: str) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (row, budget), entries in groups.items():
-        scores = folds(entries)
+        tested = all(entry["test"] is not None for entry in entries)
+        scores = folds(entries) if tested else None
         diff = "–"
-        base = groups.get((baseline, budget), [])
+        base = [entry for entry in groups.get((baseline, budget), []) if entry["test"] is not None]
         base_by_seed = {entry["seed"]: entry for entry in base}
-        if row != baseline and all(entry["seed"] in base_by_seed for entry in entries):
+        if scores is not None and row != baseline and all(entry["seed"] in base_by_seed for entry in entries):
             delta = scores - folds([base_by_seed[entry["seed"]] for entry in entries])
             diff = f"{delta.mean():+.2f} ± {delta.std(ddof=1):.2f}"
         best_epochs = []
@@ -197,7 +226,7 @@ def table(report: dict[str, Any], baseline: str) -> list[str]:
         aucs = [entry["val_auc"] for entry in entries if entry["val_auc"] is not None]
         losses = [entry["final_train_loss"] for entry in entries if entry["final_train_loss"] is not None]
         # None where the test set has too few impostor pairs to reach FAR 1e-3.
-        tars = [entry["test"]["tar_at_far"].get("0.001") for entry in entries]
+        tars = [entry["test"]["tar_at_far"].get("0.001") if tested else None for entry in entries]
         tar = "–" if None in tars else f"{statistics.mean(float(value) for value in tars) * 100:.2f}"
         angle = statistics.mean(float(np.mean(entry["angles"])) for entry in entries)
         model = entries[0]["model"]
@@ -210,7 +239,7 @@ def table(report: dict[str, Any], baseline: str) -> list[str]:
             ", ".join(f"{entry['val_accuracy'] * 100:.2f}" for entry in entries),
             f"{statistics.mean(aucs) * 100:.2f}" if aucs else "–",
             ", ".join(best_epochs),
-            f"{scores.mean():.2f} ± {scores.std(ddof=1):.2f}",
+            "– (val only)" if scores is None else f"{scores.mean():.2f} ± {scores.std(ddof=1):.2f}",
             diff,
             tar,
             f"{statistics.mean(losses):.2f}" if losses else "–",
@@ -234,11 +263,17 @@ def plot_curve(report: dict[str, Any], teacher_test: float | None, out_png: Path
         color = f"C{index}"
         points = [(budget, entries) for (name, budget), entries in groups.items() if name == row]
         minutes = [statistics.mean(entry["train_minutes"] for entry in entries) for _, entries in points]
-        tests = [folds(entries) for _, entries in points]
-        axes.errorbar(
-            minutes, [score.mean() for score in tests], yerr=[score.std(ddof=1) for score in tests], color=color,
-            marker="o", capsize=3, label=f"{row}: {report['test_name']} (fold std)",
-        )  # fmt: skip
+        tested = [
+            (minute, folds(entries))
+            for minute, (_, entries) in zip(minutes, points, strict=True)
+            if all(entry["test"] is not None for entry in entries)
+        ]
+        if tested:
+            axes.errorbar(
+                [m for m, _ in tested], [score.mean() for _, score in tested],
+                yerr=[score.std(ddof=1) for _, score in tested], color=color, marker="o", capsize=3,
+                label=f"{row}: {report['test_name']} (fold std)",
+            )  # fmt: skip
         vals = [statistics.mean(entry["val_accuracy"] * 100 for entry in entries) for _, entries in points]
         axes.plot(minutes, vals, color=color, marker="s", linestyle="--", label=f"{row}: val, end of run")
         for _, entries in points:
@@ -300,9 +335,11 @@ def write_outputs(report: dict[str, Any], args: argparse.Namespace, stem: Path) 
         f"{row} {entry['budget_epochs']:g} ep seed {entry['seed']}": VerificationResult.from_dict(entry["test"])
         for row, entries in plotted.items()
         for entry in entries
+        if entry["test"] is not None
     }
-    title = f"{report['test_name']}, each row at its budget with the most seeds (last checkpoint)"
-    plot_roc(curves, Path(f"{stem}_roc.png"), title)
+    if curves:
+        title = f"{report['test_name']}, each row at its budget with the most seeds (last checkpoint)"
+        plot_roc(curves, Path(f"{stem}_roc.png"), title)
     for row, entries in plotted.items():
         angles = {
             f"{row} {entry['budget_epochs']:g} ep seed {entry['seed']}": np.array(entry["angles"]) for entry in entries
@@ -358,9 +395,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 key = run_key(row, budget, seed)
                 entry = report["runs"].get(key)
                 same = json.loads(json.dumps(study.ROWS[row]))
-                if entry is not None and entry["overrides"] == same and entry["set"] == args.set:
+                measured = entry is not None and entry["overrides"] == same and entry["set"] == args.set
+                # A val-only row read again without --val-only is tested from its run, not trained again.
+                if measured and (args.val_only or entry["test"] is not None):
                     continue
-                if context["test_set"] is None:
+                if context["test_set"] is None and not args.val_only:
                     context["test_set"] = load_pairs_set(args.test_pairs, args.test_images, name="test")
                 config = run_config(args, row, budget, seed, cache_dir)
                 report["runs"][key] = measure_run(args, row, budget, seed, config, context)

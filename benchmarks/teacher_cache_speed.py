@@ -9,11 +9,13 @@ protocol's training split packed as ``data/cache_bench``, interleaved rounds (ca
            cache; the framework's own "Speed" readings (``config.frequent`` steps each, the first one dropped)
 
 Prints both rates in images per second (a cached image is embedded twice: itself and its mirror) and their ratio;
-``--results`` saves them as JSON. Run it on a quiet machine; for a before/after comparison run it once per code
-tree (``PYTHONPATH=OTHER_TREE/plugin python benchmarks/teacher_cache_speed.py ...``, the script prints which
-facedistill it timed).
+``--results`` saves them as JSON. ``--cache-nproc 1 2`` times only the cache, at each process count in turn
+within every round (1, 2, 1, 2 ...), to choose how many processes a CPU host should embed with. Run it on a quiet
+machine; for a before/after comparison run it once per code tree (``PYTHONPATH=OTHER_TREE/plugin python
+benchmarks/teacher_cache_speed.py ...``, the script prints which facedistill it timed).
 
     python benchmarks/teacher_cache_speed.py --workdir bench_out/cache_speed [--identities 40] [--rounds 2]
+    python benchmarks/teacher_cache_speed.py --workdir bench_out/cache_speed --cache-nproc 1 2 --rounds 3
 """
 
 from __future__ import annotations
@@ -59,6 +61,23 @@ def cache_round(root: Path, nproc: int, recipe: str, images: int) -> float:
     return images / (time.perf_counter() - started)
 
 
+def compare_process_counts(
+    root: Path, recipe: str, images: int, counts: list[int], rounds: int, results: Path | None
+) -> None:
+    rates: dict[int, list[float]] = {count: [] for count in counts}
+    for round_index in range(rounds):
+        for count in counts:
+            rates[count].append(cache_round(root, count, recipe, images))
+            print(f"round {round_index + 1}: {count} process(es) {rates[count][-1]:.2f} img/s", flush=True)
+    medians = {count: statistics.median(values) for count, values in rates.items()}
+    for count, median in medians.items():
+        print(f"{images} images, {count} process(es): teacher cache {median:.2f} img/s (median of {rounds})")
+    if results:
+        report = {"images": images, "cache_img_s": {str(k): v for k, v in rates.items()}, "medians": medians}
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps(report, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("bench_out/cache_speed"))
@@ -67,6 +86,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--speed-samples", type=int, default=2, help="training speed readings per round")
     parser.add_argument("--results", type=Path)
+    parser.add_argument("--cache-nproc", type=int, nargs="+", help="time only the cache, at these process counts")
     args = parser.parse_args()
     import facedistill
 
@@ -85,6 +105,9 @@ def main() -> None:
         "output": "work_dirs/cache_speed",
     }
     recipe = bench.bench_recipe(root, RECIPE, "_cache_speed", overrides)
+    if args.cache_nproc:
+        compare_process_counts(root, recipe, images, args.cache_nproc, args.rounds, args.results)
+        return
     cache_rates: list[float] = []
     train_rates: list[float] = []
     for _ in range(args.rounds):

@@ -133,6 +133,56 @@ def test_learning_curve_runs_each_budget_once_and_keeps_its_rows_across_sessions
         curve.main(argv)
 
 
+def test_learning_curve_val_only_never_reads_the_test_set_and_exports_each_student(tmp_path, monkeypatch) -> None:
+    import onnx
+
+    from facedistill.data.datasets import ImageFolderDataset
+    from facedistill.teachers.cache import build_teacher_cache
+    from tests.helpers import ProjectionTeacher, make_face_folders
+
+    train_dir, pairs = make_face_folders(tmp_path, identities=4, images=6, test_identities=4)
+    cache = tmp_path / "cache"
+    build_teacher_cache(ProjectionTeacher(), ImageFolderDataset(train_dir), cache, num_workers=0, progress=False)
+    curve = load_benchmark("learning_curve")
+    images = str(tmp_path)
+    argv = [
+        "--out", str(tmp_path / "out"), "--rows", "zoo_kd", "--budgets", "1", "--cache", str(cache),
+        "--teacher", "none", "--train", str(train_dir), "--exclude", "none", "--val-pairs", str(pairs),
+        "--val-images", images, "--test-pairs", str(tmp_path / "missing_test_pairs.txt"), "--test-images", images,
+        "--results", str(tmp_path / "results" / "zoo.json"), "--export", str(tmp_path / "students"),
+        "--set", "model.embedding_size=16", "data.batch_size=8", "data.num_workers=0", "train.channels_last=false",
+    ]  # fmt: skip
+    # The test pairs do not exist: a val-only study that read them would fail.
+    report = curve.main([*argv, "--val-only"])
+    (entry,) = report["runs"].values()
+    assert entry["test"] is None and entry["val_history"] and entry["overrides"] == curve.study.ROWS["zoo_kd"]
+    assert "| zoo_kd | 1 |" in (tmp_path / "results" / "zoo.md").read_text()
+    assert "– (val only)" in (tmp_path / "results" / "zoo.md").read_text()
+    exported = tmp_path / "students" / "zoo_kd_1ep_seed0.onnx"
+    graph = onnx.load(str(exported))
+    assert {prop.key for prop in graph.metadata_props} >= {"facedistill.model", "facedistill.method"}
+    # The same row without --val-only is tested once, from its finished run, without training again.
+    monkeypatch.setattr(curve, "train", lambda *args, **kwargs: (_ for _ in ()).throw(AssertionError("trained")))
+    argv[argv.index(str(tmp_path / "missing_test_pairs.txt"))] = str(pairs)
+    (entry,) = curve.main(argv)["runs"].values()
+    assert len(entry["test"]["fold_accuracies"]) == 10
+
+
+def test_every_zoo_row_builds_its_method() -> None:
+    from facedistill.distill import METHODS
+    from facedistill.distill.base import method_params
+
+    study = load_benchmark("validation_study")
+    zoo = [row for row in study.ROWS if row.startswith("zoo_")]
+    methods = {study.ROWS[row]["method"]["name"] for row in zoo}
+    # Every peer of ``facedistill compare`` but the two the zoo compares against (MD and ArcFace have their rows).
+    assert methods == set(METHODS.names()) - {"margin_distillation", "arcface"}
+    for row in zoo:
+        config = study.row_config(row, 0, 1.0, Path("/tmp/x"), Path("/tmp/c"))
+        assert config.data.shift == 4 and config.teacher.subtract_mean, row
+        method_params(study.ROWS[row]["method"])  # unknown keys and bad values are ConfigErrors
+
+
 def test_learning_curve_pairs_an_ablation_file_against_its_arcface_row() -> None:
     curve = load_benchmark("learning_curve")
 

@@ -9,6 +9,7 @@ on GPU ``LOCAL_RANK``. The collectives are stubbed with a recorder; CUDA is repo
 from __future__ import annotations
 
 import datetime
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -174,3 +175,34 @@ def test_more_processes_than_gpus_is_refused_before_any_group(
     with pytest.raises(ValueError, match=r"LOCAL_RANK=4 but this node has 4 GPU\(s\).*--nproc_per_node"):
         cache.cache_recipe_teacher("configs/x")
     assert not recorder.calls, recorder.calls
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_on_a_cpu_host_rank_0_embeds_every_record_with_every_core_and_the_others_wait(
+    rank: int, emulated: tuple[_Recorder, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder, seen = emulated
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name, value in {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    threads = torch.get_num_threads()
+    seen_while_building: dict[str, Any] = {}
+
+    def teacher(cfg: Any, device: str = "cpu") -> Any:
+        # onnxruntime's threads are fixed when the teacher's session is made, from LOCAL_WORLD_SIZE.
+        seen_while_building["local_world_size"] = os.environ["LOCAL_WORLD_SIZE"]
+        seen_while_building["torch_threads"] = torch.get_num_threads()
+        return SimpleNamespace(teacher_id="t", embedding_size=512)
+
+    monkeypatch.setattr(cache, "create_recipe_teacher", teacher)
+    cache.cache_recipe_teacher("configs/x", batch_size=8, workers=0)
+    if rank == 0:
+        assert (seen["build"]["rank"], seen["build"]["world_size"]) == (0, 1)
+        assert seen_while_building == {"local_world_size": "1", "torch_threads": os.cpu_count()}
+    else:
+        assert "build" not in seen, seen
+        assert seen_while_building == {"local_world_size": "2", "torch_threads": threads}
+    # Every rank meets the others after the embedding, and leaves the process as it found it.
+    order = [name for name, _ in recorder.calls]
+    assert order.count("barrier") == 1 and order.index("barrier") < order.index("check"), order
+    assert os.environ["LOCAL_WORLD_SIZE"] == "2" and torch.get_num_threads() == threads
