@@ -200,9 +200,11 @@ def folds(entries: list[dict[str, Any]]) -> np.ndarray:
 
 def table(report: dict[str, Any], baseline: str) -> list[str]:
     groups = aggregate(report)
+    any_tested = any(entry["test"] is not None for entry in report["runs"].values())
+    test = f"{report['test_name']} (read once per finished run, never for a choice)" if any_tested else "not read"
     lines = [
         f"host {report['machine']['host']}, {report['machine']['cpus']} CPUs, torch {report['machine']['torch']}; "
-        f"test: {report['test_name']} (read once per finished run, never for a choice); val: {report['val_name']}",
+        f"test: {test}; val: {report['val_name']}",
         "",
         "| row | epochs | seeds | train min | img/s | val acc. % (last epoch) | val AUC % | best val epoch | "
         f"test acc. % (mean ± std, seeds x folds) | paired diff. to {baseline} (pp) | TAR@FAR=1e-3 | "

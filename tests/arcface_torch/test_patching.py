@@ -1,9 +1,12 @@
 """The patch engine against the real upstream arcface_torch files, with a patch set generated here from edits that
-look like the real ones (so these tests do not depend on the shipped patches, which evolve separately)."""
+look like the real ones (so these tests do not depend on the shipped patches, which evolve separately), and the
+shipped set's diffs checked against its shipped whole files."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -16,16 +19,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from facedistill.arcface_torch import patching
-from facedistill.arcface_torch.make_patches import make_patch_set, unified_diff
+from facedistill.arcface_torch.make_patches import NO_NEWLINE_MARKER, changed_files, make_patch_set, unified_diff
 from facedistill.arcface_torch.patching import (
-    FilePatch,
     FileState,
     PatchError,
     PatchSet,
     apply,
     default_patch_dir,
-    parse_diff,
     revert,
+    split_lines,
     status,
 )
 
@@ -33,6 +35,10 @@ from facedistill.arcface_torch.patching import (
 UPSTREAM = Path(__file__).resolve().parents[2].parent / "shared" / "upstream" / "arcface_torch"
 FILES = ["partial_fc_v2.py", "train_v2.py", "utils/utils_config.py"]
 BACKEND_LINE = b'backend = "nccl" if torch.cuda.is_available() else "gloo"\n'
+UPSTREAM_NAME = "upstream arcface_torch 0159b24d"
+PATCHED_NAME = "the facedistill-patched version"
+# A line of train_v2.py that none of the edits below touches (and none of the shipped patches).
+DESCRIPTION = b"Distributed Arcface Training in Pytorch"
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +116,31 @@ def trees(tmp_path: Path, upstream: Path) -> Trees:
     return Trees(up, edited, tmp_path / "patches", target, patch_set)
 
 
-def hunk_containing(fp: FilePatch, line: bytes):
-    """The hunk whose upstream side contains ``line`` (to modify a checkout inside a known hunk)."""
-    return next(h for h in fp.hunks if line in h.old_lines)
+def line_number(path: Path, text: bytes) -> int:
+    """The 1-based number of the first line of ``path`` that contains ``text``."""
+    return next(i for i, line in enumerate(split_lines(path.read_bytes()), 1) if text in line)
+
+
+def apply_unified(diff: bytes, old: bytes) -> bytes:
+    """A strict unified-diff applier (hunks at their stated lines, no fuzz) for checking the generator's output."""
+    src, lines, out, pos, i = split_lines(old), split_lines(diff)[2:], [], 0, 0
+    while i < len(lines):
+        match = re.match(rb"@@ -(\d+)(?:,(\d+))? \+\d+(?:,\d+)? @@\n$", lines[i])
+        assert match, lines[i]
+        start = int(match[1]) - (match[2] != b"0")  # an empty range names the line before it
+        out += src[pos:start]
+        pos, i = start, i + 1
+        while i < len(lines) and not lines[i].startswith(b"@@"):
+            tag, text = lines[i][:1], lines[i][1:]
+            i += 1
+            if i < len(lines) and lines[i] == NO_NEWLINE_MARKER + b"\n":
+                text, i = text[:-1], i + 1
+            if tag in (b" ", b"-"):
+                assert src[pos] == text
+                pos += 1
+            if tag in (b" ", b"+"):
+                out.append(text)
+    return b"".join(out + src[pos:])
 
 
 # ------------------------------------------------------------------------------------------------------ generator
@@ -123,6 +151,7 @@ def test_generated_patch_set_layout(trees: Trees) -> None:
     assert names == [
         "manifest.json",
         "partial_fc_v2.py.diff",
+        "patched.json",
         "train_v2.py.diff",
         "upstream.json",
         "utils__utils_config.py.diff",
@@ -133,7 +162,10 @@ def test_generated_patch_set_layout(trees: Trees) -> None:
     diff = (trees.patches / "utils__utils_config.py.diff").read_bytes()
     assert diff.startswith(b"--- a/utils/utils_config.py\n+++ b/utils/utils_config.py\n@@ -")
     assert b"\n\\ No newline at end of file\n" in diff
-    assert len(loaded.files["train_v2.py"].hunks) >= 3
+    assert (trees.patches / "train_v2.py.diff").read_bytes().count(b"\n@@ -") >= 3
+    for rel in FILES:  # the whole files, byte for byte
+        assert loaded.files[rel].upstream == (trees.upstream / rel).read_bytes()
+        assert loaded.files[rel].patched == (trees.edited / rel).read_bytes()
 
 
 def test_diffs_are_what_standard_tools_write_and_read(trees: Trees, tmp_path: Path) -> None:
@@ -147,7 +179,6 @@ def test_diffs_are_what_standard_tools_write_and_read(trees: Trees, tmp_path: Pa
         gnu = subprocess.run(["diff", "-u", f"a/{rel}", f"b/{rel}"], cwd=tmp_path, capture_output=True).stdout
         ours = (trees.patches / fp.diff).read_bytes()
         assert gnu.split(b"\n", 2)[2] == ours.split(b"\n", 2)[2], rel  # equal apart from the ---/+++ timestamps
-        assert parse_diff(gnu, rel) == fp.hunks  # "--- a/train_v2.py<TAB>2024-11-06 ..." is accepted
     by_patch = copy_tree(trees.upstream, tmp_path / "by_patch")
     for rel in FILES:
         diff = (trees.patches / trees.patch_set.files[rel].diff).read_bytes()
@@ -169,6 +200,22 @@ def test_make_command_line_writes_the_same_set(trees: Trees, tmp_path: Path) -> 
     result = subprocess.run([*cmd, str(out), *FILES], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert tree_bytes(out) == tree_bytes(trees.patches)
+    # Without FILE arguments: every upstream file the edited tree changes, which here are the same three.
+    (trees.edited / "configs" / "my_recipe.py").write_text("only in the edited tree\n")
+    (trees.edited / "__pycache__").mkdir(exist_ok=True)
+    every = tmp_path / "every_changed"
+    result = subprocess.run([*cmd, str(every)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert tree_bytes(every) == tree_bytes(trees.patches)
+    assert "train_v2.py.diff: train_v2.py, " in result.stdout and "patched.json" in result.stdout
+
+
+def test_changed_files_are_the_edited_upstream_files(trees: Trees) -> None:
+    (trees.edited / "configs" / "my_recipe.py").write_text("x = 1\n")  # not an upstream file: left out
+    assert changed_files(trees.upstream, trees.edited) == sorted(FILES)
+    (trees.edited / "losses.py").unlink()
+    with pytest.raises(PatchError, match=r"losses\.py: not in the edited tree .*deleting files is not supported"):
+        changed_files(trees.upstream, trees.edited)
 
 
 def test_make_refuses_unchanged_or_absent_files_and_drops_stale_diffs(trees: Trees) -> None:
@@ -181,7 +228,7 @@ def test_make_refuses_unchanged_or_absent_files_and_drops_stale_diffs(trees: Tre
     (trees.patches / "README.md").write_text("kept")
     make_patch_set(trees.upstream, trees.edited, trees.patches, ["train_v2.py"])
     names = sorted(p.name for p in trees.patches.iterdir())
-    assert names == ["README.md", "manifest.json", "train_v2.py.diff", "upstream.json"]
+    assert names == ["README.md", "manifest.json", "patched.json", "train_v2.py.diff", "upstream.json"]
 
 
 @settings(max_examples=300, deadline=None)
@@ -195,16 +242,14 @@ def test_make_refuses_unchanged_or_absent_files_and_drops_stale_diffs(trees: Tre
 def test_generated_diffs_round_trip(
     old: list[str], new: list[str], ending: str, old_final: bool, new_final: bool
 ) -> None:
-    """Any pair of contents (CRLF, blank lines, with or without a final newline) diffs, parses, applies and reverts
-    to the exact bytes."""
+    """Any pair of contents (CRLF, blank lines, with or without a final newline) gives a diff that rebuilds the new
+    bytes from the old exactly, and the diff the other way the old from the new."""
     old_bytes = (ending.join(old) + (ending if old_final and old else "")).encode()
     new_bytes = (ending.join(new) + (ending if new_final and new else "")).encode()
     if old_bytes == new_bytes:
         return
-    hunks = parse_diff(unified_diff("f.py", old_bytes, new_bytes), "f.py")
-    fp = FilePatch("f.py", "0" * 64, "1" * 64, "f.py.diff", hunks)
-    assert fp.patch_bytes(old_bytes) == new_bytes
-    assert fp.unpatch_bytes(new_bytes) == old_bytes
+    assert apply_unified(unified_diff("f.py", old_bytes, new_bytes), old_bytes) == new_bytes
+    assert apply_unified(unified_diff("f.py", new_bytes, old_bytes), new_bytes) == old_bytes
 
 
 # ----------------------------------------------------------------------------------------------- apply / revert
@@ -237,17 +282,18 @@ def test_apply_keeps_the_file_mode(trees: Trees) -> None:
     assert not list(trees.target.rglob("*.facedistill-tmp"))
 
 
-def test_modified_file_in_a_hunk_is_refused_and_nothing_is_written(trees: Trees) -> None:
+def test_modified_file_is_refused_naming_the_line_and_nothing_is_written(trees: Trees) -> None:
     line = b'    distributed.init_process_group("nccl")\n'
-    hunk = hunk_containing(trees.patch_set.files["train_v2.py"], line)
+    number = line_number(trees.target / "train_v2.py", line)
     edit(trees.target / "train_v2.py", line, b'    distributed.init_process_group("gloo")\n')
     before_stats, before_bytes = tree_stats(trees.target), tree_bytes(trees.target)
     with pytest.raises(PatchError) as err:
         apply(trees.target, trees.patch_set)
     message = str(err.value)
-    assert f"train_v2.py.diff: hunk {hunk.number} ({hunk.header}) does not apply" in message
-    assert 'distributed.init_process_group("nccl")\' but is \'    distributed.init_process_group("gloo")\'' in message
-    assert "differs from upstream arcface_torch 0159b24d" in message
+    assert f"train_v2.py: differs from {UPSTREAM_NAME} (and is not patched either)" in message
+    assert "it looks like an upstream file with local edits" in message
+    shown = f"""line {number} is '    distributed.init_process_group("gloo")' where {UPSTREAM_NAME} has"""
+    assert shown + """ '    distributed.init_process_group("nccl")'.""" in message
     assert "git checkout 0159b24d44cbc91abbd07b7a6fab0ba923a7fddf -- FILE" in message
     assert "nothing was changed" in message
     assert [p for p in err.value.problems if "train_v2.py" in p] and len(err.value.problems) == 1
@@ -257,35 +303,29 @@ def test_modified_file_in_a_hunk_is_refused_and_nothing_is_written(trees: Trees)
     assert status(trees.target, trees.patch_set)["partial_fc_v2.py"] == FileState.UPSTREAM
 
 
-def test_shifted_lines_are_reported_with_their_offset(trees: Trees) -> None:
-    edit(trees.target / "train_v2.py", b"import argparse\n", b"import argparse\nimport sys\n")
-    with pytest.raises(PatchError, match=r"hunk 1 \(@@ .* @@\) does not apply.*lines away: lines were added"):
+def test_an_added_or_removed_line_is_named_in_the_users_numbering(trees: Trees) -> None:
+    train = trees.target / "train_v2.py"
+    edit(train, b"import argparse\n", b"import argparse\nimport sys\n")
+    with pytest.raises(PatchError, match=f"line 2, 'import sys', is not in {UPSTREAM_NAME}"):
         apply(trees.target, trees.patch_set)
-
-
-def edit_line_outside_hunks(path: Path, fp: FilePatch, patched: bool) -> None:
-    """Change one non-blank line that no hunk covers (in upstream or patched coordinates), keeping line numbers."""
-    spans = [(h.new_index, h.new_count) if patched else (h.old_index, h.old_count) for h in fp.hunks]
-    covered = {i for start, count in spans for i in range(start, start + count)}
-    lines = path.read_bytes().split(b"\n")
-    free = next(i for i in range(len(lines)) if i not in covered and lines[i].strip())
-    lines[free] += b"  # local edit"
-    path.write_bytes(b"\n".join(lines))
-
-
-def test_modified_file_whose_hunks_still_match_is_refused(trees: Trees) -> None:
-    edit_line_outside_hunks(trees.target / "train_v2.py", trees.patch_set.files["train_v2.py"], patched=False)
-    with pytest.raises(PatchError, match=r"train_v2\.py: differs .*all hunks of train_v2\.py\.diff match but the file"):
+    edit(train, b"import argparse\nimport sys\n", b"")
+    with pytest.raises(PatchError, match=f"{UPSTREAM_NAME}'s line 1, 'import argparse', is missing after line 0"):
         apply(trees.target, trees.patch_set)
 
 
 def test_patched_file_with_local_edits_is_recognised(trees: Trees) -> None:
     apply(trees.target, trees.patch_set)
-    edit_line_outside_hunks(trees.target / "train_v2.py", trees.patch_set.files["train_v2.py"], patched=True)
-    with pytest.raises(PatchError, match="looks like a patched file with local edits"):
+    train = trees.target / "train_v2.py"
+    number = line_number(train, DESCRIPTION)
+    edit(train, DESCRIPTION, b"my training")
+    with pytest.raises(PatchError, match=f"looks like a patched file with local edits: line {number} is .*my training"):
         apply(trees.target, trees.patch_set)
-    with pytest.raises(PatchError, match=r"differs from the facedistill-patched version.*all hunks .* match"):
+    with pytest.raises(PatchError) as err:
         revert(trees.target, trees.patch_set)
+    message = str(err.value)
+    assert f"differs from {PATCHED_NAME} (and is not upstream either)" in message and "cannot revert" in message
+    assert f"line {number} is" in message and f"where {PATCHED_NAME} has" in message
+    assert "my training" in message and DESCRIPTION.decode() in message
 
 
 def test_revert_restores_upstream_byte_for_byte(trees: Trees, upstream: Path) -> None:
@@ -310,13 +350,13 @@ def test_revert_of_a_half_patched_checkout(trees: Trees, upstream: Path) -> None
 
 def test_revert_refuses_an_edited_patched_file(trees: Trees) -> None:
     apply(trees.target, trees.patch_set)
-    hunk = hunk_containing(trees.patch_set.files["train_v2.py"], b"try:\n")
-    assert BACKEND_LINE in hunk.new_lines
+    number = line_number(trees.target / "train_v2.py", BACKEND_LINE)
     edit(trees.target / "train_v2.py", BACKEND_LINE, b'backend = "gloo"\n')
     before = tree_bytes(trees.target)
     with pytest.raises(PatchError) as err:
         revert(trees.target, trees.patch_set)
-    assert f"train_v2.py.diff: hunk {hunk.number} ({hunk.header}, reversed) does not apply" in str(err.value)
+    shown = f"""line {number} is 'backend = "gloo"' where {PATCHED_NAME} has '{BACKEND_LINE.decode().strip()}'"""
+    assert shown in str(err.value)
     assert "cannot revert" in str(err.value)
     assert tree_bytes(trees.target) == before
 
@@ -339,6 +379,10 @@ def test_crlf_files_round_trip(tmp_path: Path, upstream: Path) -> None:
     assert tree_bytes(target) == tree_bytes(edited)
     revert(target, patch_set)
     assert tree_bytes(target) == tree_bytes(up)
+    # A CRLF checkout is not the LF upstream: refused, the CR shown.
+    shown = rf"line 1 is 'import argparse\\r' where {UPSTREAM_NAME} has 'import argparse'"
+    with pytest.raises(PatchError, match=shown):
+        apply(target, PatchSet.load(default_patch_dir()))
 
 
 def test_missing_file_is_refused_by_name(trees: Trees) -> None:
@@ -395,34 +439,29 @@ def test_failed_write_restores_the_files_already_written(trees: Trees, monkeypat
 # ------------------------------------------------------------------------------------------- loading a patch set
 
 
-def _one_file_set(tmp_path: Path, diff: bytes, path: str = "train_v2.py") -> Path:
-    folder = tmp_path / "bad"
-    folder.mkdir()
-    (folder / "x.diff").write_bytes(diff)
-    entry = {"upstream_sha256": "0" * 64, "patched_sha256": "1" * 64, "diff": "x.diff"}
-    (folder / "manifest.json").write_text(patching.json.dumps({"commit": "0159b24d", "files": {path: entry}}))
-    return folder
+def _rewrite_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
 
 
-@pytest.mark.parametrize(
-    ("diff", "path", "message"),
-    [
-        (b"--- /dev/null\n+++ b/train_v2.py\n@@ -0,0 +1 @@\n+x\n", "train_v2.py", "creates train_v2.py"),
-        (b"--- a/train_v2.py\n+++ /dev/null\n@@ -1 +0,0 @@\n-x\n", "train_v2.py", "deletes train_v2.py"),
-        (b"diff --git a/x b/y\nrename from x\n", "train_v2.py", "renames a file"),
-        (b"--- a/losses.py\n+++ b/losses.py\n@@ -1 +1 @@\n-x\n+y\n", "train_v2.py", "manifest lists it for"),
-        (b"--- a/train_v2.py\n+++ b/train_v2.py\n@@ -1,2 +1,2 @@\n-x\n+y\n", "train_v2.py", "truncated"),
-        (
-            b"--- a/train_v2.py\n+++ b/train_v2.py\n@@ -1 +1 @@\n-x\n+y\n--- a/losses.py\n+++ b/losses.py\n",
-            "train_v2.py",
-            "more than one file",
-        ),
-        (b"--- a/x\n+++ b/x\n@@ -1 +1 @@\n-x\n+y\n", "../x", "invalid file path"),
-    ],
-)
-def test_load_rejects_unsupported_diffs(tmp_path: Path, diff: bytes, path: str, message: str) -> None:
-    with pytest.raises(PatchError, match=message):
-        PatchSet.load(_one_file_set(tmp_path, diff, path))
+def test_load_refuses_a_stale_or_broken_set(trees: Trees) -> None:
+    """Every whole file must be the manifest's (the sha256), so a set edited by hand never writes an untested file."""
+    texts = trees.patches / "patched.json"
+    _rewrite_json(texts, lambda d: d["files"].update({"train_v2.py": d["files"]["train_v2.py"] + "# by hand\n"}))
+    with pytest.raises(PatchError, match=r"train_v2\.py in upstream\.json or patched\.json .*regenerate the patch set"):
+        PatchSet.load(trees.patches)
+    texts.unlink()
+    with pytest.raises(PatchError, match="patched.json is missing"):
+        PatchSet.load(trees.patches)
+    (trees.patches / "upstream.json").write_text("{")
+    with pytest.raises(PatchError, match="not valid JSON"):
+        PatchSet.load(trees.patches)
+    make_patch_set(trees.upstream, trees.edited, trees.patches, FILES)  # what the messages say to do
+    assert PatchSet.load(trees.patches) == trees.patch_set
+    _rewrite_json(trees.patches / "manifest.json", lambda d: d["files"].update({"../x": {}}))
+    with pytest.raises(PatchError, match="invalid file path"):
+        PatchSet.load(trees.patches)
 
 
 def test_load_without_manifest_says_so(tmp_path: Path) -> None:
@@ -441,3 +480,16 @@ def test_shipped_patch_set_applies_and_reverts(tmp_path: Path, upstream: Path) -
     assert status(target, shipped) == dict.fromkeys(shipped.files, FileState.PATCHED)
     revert(target, shipped)
     assert tree_bytes(target) == tree_bytes(upstream)
+
+
+def test_shipped_diffs_are_the_shipped_files() -> None:
+    """The diffs people read (and ``git apply``) say exactly what apply writes: each one, regenerated from the shipped
+    upstream and patched files, is byte for byte the shipped diff, and the folder holds no other diff."""
+    if not default_patch_dir().joinpath("manifest.json").is_file():
+        pytest.skip("patches/arcface_torch/manifest.json is not in the repository yet")
+    shipped = PatchSet.load()
+    folder = default_patch_dir()
+    for rel, fp in shipped.files.items():
+        assert folder.joinpath(fp.diff).read_bytes() == unified_diff(rel, fp.upstream, fp.patched), fp.diff
+    diffs = {entry.name for entry in folder.iterdir() if entry.name.endswith(".diff")}
+    assert diffs == {fp.diff for fp in shipped.files.values()}

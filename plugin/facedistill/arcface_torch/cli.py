@@ -30,7 +30,7 @@ def patch(
     """Apply facedistill's patches (pinned to upstream commit 0159b24d) and install its recipes into configs/.
 
     Every file is checked against the pinned upstream first; a file that is neither upstream nor patched is
-    refused, naming the file and hunk, and nothing is written. Applying twice changes nothing."""
+    refused, naming the file and its first line that differs, and nothing is written. Applying twice changes nothing."""
     from facedistill.arcface_torch.patching import PatchError, resolve_root
     from facedistill.arcface_torch.patching import apply as apply_patches
     from facedistill.arcface_torch.patching import revert as revert_patches
@@ -62,22 +62,31 @@ def make_patches(
     upstream: Annotated[Path, typer.Argument(help="Unmodified arcface_torch at the pinned commit.")],
     edited: Annotated[Path, typer.Argument(help="The edited copy of it.")],
     out: Annotated[Path, typer.Argument(help="The patch folder to write (the repository's patches/arcface_torch).")],
-    files: Annotated[list[str], typer.Argument(help="Paths relative to arcface_torch, e.g. utils/utils_config.py.")],
+    files: Annotated[
+        list[str] | None,
+        typer.Argument(help="Paths relative to arcface_torch (default: every upstream file EDITED changes)."),
+    ] = None,
     commit: Annotated[str | None, typer.Option(help="Upstream commit the set is pinned to.")] = None,
 ) -> None:
-    """Maintainers: regenerate the patch set (one diff per file and the manifest of hashes) from an edited copy.
-
-    Each diff is parsed back and must rebuild both trees byte for byte before anything is written."""
+    """Maintainers: regenerate the patch set from an edited copy: one diff per file, the whole files that patch and
+    --revert write (patched.json, upstream.json) and the manifest of their hashes."""
     from facedistill.arcface_torch.make_patches import make_patch_set
-    from facedistill.arcface_torch.patching import MANIFEST_NAME, UPSTREAM_COMMIT, PatchError
+    from facedistill.arcface_torch.patching import (
+        MANIFEST_NAME,
+        PATCHED_TEXTS_NAME,
+        UPSTREAM_COMMIT,
+        UPSTREAM_TEXTS_NAME,
+        PatchError,
+    )
 
     try:
         made = make_patch_set(upstream, edited, out, files, commit=commit or UPSTREAM_COMMIT)
     except (PatchError, OSError) as error:
         _fail(error)
     for rel, patch in made.files.items():
-        typer.echo(f"{patch.diff}: {rel}, {len(patch.hunks)} hunk(s)")
-    typer.echo(f"wrote {out / MANIFEST_NAME}")
+        hunks = (out / patch.diff).read_bytes().count(b"\n@@ ")
+        typer.echo(f"{patch.diff}: {rel}, {hunks} hunk(s)")
+    typer.echo(f"wrote {out / MANIFEST_NAME}, {out / UPSTREAM_TEXTS_NAME}, {out / PATCHED_TEXTS_NAME}")
 
 
 @arcface_torch_app.command("cache-teacher")
