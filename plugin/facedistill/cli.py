@@ -294,7 +294,10 @@ def _run_model(path: Path) -> Path:
 
 @app.command("eval")
 def evaluate(
-    model: Annotated[Path | None, typer.Argument(help="facedistill checkpoint (.pt).")] = None,
+    model: Annotated[
+        Path | None,
+        typer.Argument(help="A checkpoint (facedistill's last.pt/best.pt, arcface_torch's model.pt) or run directory."),
+    ] = None,
     pairs: Annotated[Path | None, typer.Option(help="LFW pairs.txt, a .bin pack or a pairs TSV.")] = None,
     protocol: Annotated[
         str, typer.Option(help="pairs (needs --pairs), lfw, cfp-fp, cfp-ff, ijbb, ijbc or megaface (need --root).")
@@ -387,7 +390,9 @@ def evaluate(
 
 @app.command()
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="facedistill checkpoint (.pt).")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A checkpoint: facedistill's last.pt/best.pt or arcface_torch's model.pt.")
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="ONNX file to write.")] = Path("model.onnx"),
     opset: int = 17,
     int8: Annotated[
@@ -428,7 +433,9 @@ def export(
 
 @app.command()
 def latency(
-    checkpoint: Annotated[Path, typer.Argument(help="facedistill checkpoint (.pt).")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A checkpoint: facedistill's last.pt/best.pt or arcface_torch's model.pt.")
+    ],
     threads: Annotated[int | None, typer.Option(help="Intra-op threads of every backend (default: torch's).")] = None,
     batch_sizes: Annotated[
         list[int] | None, typer.Option("--batch-size", "-b", help="Batch size to time (repeatable; default 1 and 32).")

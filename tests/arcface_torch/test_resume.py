@@ -230,14 +230,19 @@ def _save_run(lr_scheduler: ModuleType, output: Path, classes: int, world: int, 
         torch.save(checkpoint, output / f"checkpoint_gpu_{rank}.pt")
 
 
-def test_restore_on_the_saved_world_is_upstreams_own_file_as_it_was(lr_scheduler: ModuleType, tmp_path: Path) -> None:
+def test_restore_on_the_saved_world_is_upstreams_own_file_as_it_was(
+    lr_scheduler: ModuleType, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     _save_run(lr_scheduler, tmp_path, 7, 1, 64, 8)
     saved = torch.load(tmp_path / "checkpoint_gpu_0.pt", weights_only=True)
     saved["global_step"] = 5  # not epoch * steps per epoch: upstream's path takes it as it is
     torch.save(saved, tmp_path / "checkpoint_gpu_0.pt")
     net, head, opt, scheduler = _run_parts(lr_scheduler, 7, 0, 1, 64, 8)
     cfg = {"output": str(tmp_path), "num_classes": 7, "num_image": 64, "batch_size": 8}
-    assert restore(cfg, 0, 1, net, head, opt, scheduler) == (1, 5)
+    with caplog.at_level("INFO"):
+        assert restore(cfg, 0, 1, net, head, opt, scheduler) == (1, 5)
+    # The log says it resumed, as it does on another number of processes.
+    assert "saved by 1 processes as this run has: epoch 1, step 5" in caplog.text
     assert scheduler.state_dict() == saved["state_lr_scheduler"]
     assert torch.equal(head.weight.detach(), saved["state_dict_softmax_fc"]["weight"])
 

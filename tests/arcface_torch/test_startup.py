@@ -110,3 +110,14 @@ def test_the_patch_refusal_of_a_locally_edited_file_shows_the_first_line_that_di
     result = run(facedistill("arcface-torch", "patch", str(patched), "--revert"), cwd=tmp_path, check=False)
     line = [line for line in result.stderr.splitlines() if line.strip()][-1]
     assert f"line {number} is" in line and "my training" in line and "Distributed Arcface" in line, line
+    # "nothing was changed" holds for the recipes too: the refused revert leaves every installed one in configs/.
+    assert "nothing was changed" in line, line
+    from facedistill.arcface_torch.shipped import shipped_recipes
+
+    assert all((patched / "configs" / name).is_file() for name in shipped_recipes()), sorted(
+        path.name for path in (patched / "configs").iterdir()
+    )
+    # Patching again says the recipes are there instead of "installed 0".
+    train.write_text(train.read_text().replace("my training", "Distributed Arcface Training in Pytorch"))
+    again = run(facedistill("arcface-torch", "patch", str(patched)), cwd=tmp_path)
+    assert "facedistill's recipes are already in configs/" in again.stdout, again.stdout

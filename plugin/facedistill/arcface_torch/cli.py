@@ -43,14 +43,18 @@ def patch(
                 typer.echo(f"{state.value:9s} {path}")
             return
         if revert:
-            removed = remove_recipes(resolve_root(root))
+            # The files first: a refused revert changes nothing, the recipes included.
             typer.echo(str(revert_patches(root)))
+            removed = remove_recipes(resolve_root(root))
             typer.echo(f"removed {len(removed)} unchanged facedistill recipes from configs/")
         else:
             report = apply_patches(root)
             installed, kept = install_recipes(resolve_root(root))
             typer.echo(str(report))
-            typer.echo(f"installed {len(installed)} facedistill recipes into configs/")
+            if installed:
+                typer.echo(f"installed {len(installed)} facedistill recipes into configs/")
+            else:
+                typer.echo("facedistill's recipes are already in configs/")
             for name in kept:
                 typer.secho(f"kept your configs/{name} (it differs from facedistill's recipe)", err=True)
     except (PatchError, FileNotFoundError, OSError) as error:

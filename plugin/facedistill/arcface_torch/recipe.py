@@ -165,7 +165,12 @@ def validate(cfg: Recipe) -> Any:
         unused = ("loss_params", "teacher_centres", "teacher_subtract_mean")
         for key in (*unused, *(f"teacher_{field}" for field in PREPROCESSING_FIELDS)):
             if cfg.get(key):
-                raise RecipeError(f"config.{key} is set but config.loss selects no facedistill method")
+                # Refused, not warned like the teacher keys: it would change a distillation, so the user meant one.
+                raise RecipeError(
+                    f"config.{key} is set but config.loss selects no facedistill method: set config.loss to one "
+                    f"({', '.join(sorted(served_methods()))}) to distil, or remove config.{key} to train the "
+                    "framework's own ArcFace"
+                )
         check_dali(cfg)
         return cfg
     if not isinstance(name, str):

@@ -321,6 +321,11 @@ def restore(
         optimizer.load_state_dict(own[OPTIMIZER_KEY])
         lr_scheduler.load_state_dict(own["state_lr_scheduler"])
         epoch, step = int(own["epoch"]), int(own["global_step"])
+        if rank == 0:
+            logging.info(
+                "resumed from the checkpoint_gpu_*.pt of %s, saved by %d processes as this run has: epoch %d, step %d",
+                output, world_size, epoch, step,
+            )  # fmt: skip
     else:
         files = checkpoint_files(output)
         # The first file in full (the optimiser keeps its tensors), the others memory-mapped: only this rank's rows

@@ -324,7 +324,7 @@ class OnnxTeacher(Teacher):
         self.preprocessing = resolve_preprocessing(str(self.path), metadata, preprocessing, preprocessing_keys)
         self.graph_fixes = sanitise_graph(model)
         for change in self.graph_fixes:
-            log.info("%s: %s", self.path.name, change)
+            log.debug("%s: %s", self.path.name, change)
         inputs = list(model.graph.input)
         if len(inputs) != 1:
             names = ", ".join(inp.name for inp in inputs) or "none"
