@@ -19,7 +19,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from facedistill.arcface_torch import patching
-from facedistill.arcface_torch.make_patches import NO_NEWLINE_MARKER, changed_files, make_patch_set, unified_diff
+from facedistill.arcface_torch.make_patches import (
+    NO_NEWLINE_MARKER,
+    changed_files,
+    fill_earlier_from_git,
+    make_patch_set,
+    unified_diff,
+)
 from facedistill.arcface_torch.patching import (
     FileState,
     PatchError,
@@ -27,6 +33,7 @@ from facedistill.arcface_torch.patching import (
     apply,
     default_patch_dir,
     revert,
+    sha256_bytes,
     split_lines,
     status,
 )
@@ -436,6 +443,100 @@ def test_failed_write_restores_the_files_already_written(trees: Trees, monkeypat
     assert tree_bytes(trees.target) == before
 
 
+# ------------------------------------------------------------------------------ upgrading an earlier release
+
+
+def next_release(trees: Trees, old: bytes, new: bytes) -> PatchSet:
+    """The next facedistill release: train_v2.py's patch edited again and the set regenerated over the last one."""
+    edit(trees.edited / "train_v2.py", old, new)
+    return make_patch_set(trees.upstream, trees.edited, trees.patches, FILES)
+
+
+def test_a_checkout_patched_by_an_earlier_release_is_upgraded_and_reverts(trees: Trees, upstream: Path) -> None:
+    apply(trees.target, trees.patch_set)  # the earlier release
+    earlier = (trees.target / "train_v2.py").read_bytes()
+    current = next_release(trees, BACKEND_LINE, b'backend = "gloo"  # facedistill 2\n')
+    assert current.files["train_v2.py"].earlier == {sha256_bytes(earlier)}
+    assert current.files["partial_fc_v2.py"].earlier == frozenset()  # unchanged: nothing to carry
+    manifest = json.loads((trees.patches / "manifest.json").read_text())
+    assert manifest["files"]["train_v2.py"]["earlier_patched_sha256"] == [sha256_bytes(earlier)]
+    states = status(trees.target, current)
+    assert states == {**dict.fromkeys(FILES, FileState.PATCHED), "train_v2.py": FileState.OUTDATED}
+    report = apply(trees.target, current)
+    assert report.files == {**dict.fromkeys(FILES, "already patched"), "train_v2.py": "upgraded"}
+    assert report.changed == ["train_v2.py"]
+    assert tree_bytes(trees.target) == tree_bytes(trees.edited)  # byte for byte the current release
+    (trees.target / "train_v2.py").write_bytes(earlier)
+    assert revert(trees.target, current).files == dict.fromkeys(FILES, "reverted")
+    assert tree_bytes(trees.target) == tree_bytes(upstream)
+
+
+def test_every_earlier_release_is_carried_forward(trees: Trees) -> None:
+    first = trees.patch_set.files["train_v2.py"].patched
+    second = next_release(trees, BACKEND_LINE, b'backend = "gloo"  # facedistill 2\n').files["train_v2.py"].patched
+    third = next_release(trees, b"# facedistill 2", b"# facedistill 3")
+    assert third.files["train_v2.py"].earlier == {sha256_bytes(first), sha256_bytes(second)}
+    assert make_patch_set(trees.upstream, trees.edited, trees.patches, FILES) == third  # same text: same list
+    for data in (first, second):
+        (trees.target / "train_v2.py").write_bytes(data)
+        assert status(trees.target, third)["train_v2.py"] == FileState.OUTDATED
+    # Another upstream pin starts afresh: a checkout of another upstream commit is refused anyway.
+    other = make_patch_set(trees.upstream, trees.edited, trees.patches, FILES, commit="1234567")
+    assert other.files["train_v2.py"].earlier == frozenset()
+
+
+def test_an_earlier_release_with_local_edits_is_still_refused(trees: Trees) -> None:
+    apply(trees.target, trees.patch_set)
+    current = next_release(trees, BACKEND_LINE, b'backend = "gloo"  # facedistill 2\n')
+    edit(trees.target / "train_v2.py", DESCRIPTION, b"my training")
+    before = tree_bytes(trees.target)
+    assert status(trees.target, current)["train_v2.py"] == FileState.MODIFIED
+    for transform in (apply, revert):
+        with pytest.raises(PatchError, match=r"train_v2\.py: differs from ") as err:
+            transform(trees.target, current)
+        assert len(err.value.problems) == 1 and "nothing was changed" in str(err.value)
+    assert tree_bytes(trees.target) == before
+
+
+def test_earlier_hashes_are_filled_from_git_history(trees: Trees, tmp_path: Path) -> None:
+    """The maintainers' one-off: every patched file a commit of the set shipped becomes an earlier hash, checked by
+    applying that commit's diff to upstream; the rest of the set is untouched."""
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+    repo, out = tmp_path / "repo", tmp_path / "repo" / "patches" / "arcface_torch"
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t"}
+    env["GIT_COMMITTER_EMAIL"] = "t@t"
+
+    def commit() -> None:
+        subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=env)
+        subprocess.run(["git", "commit", "-qm", "release"], cwd=repo, check=True, env=env)
+
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    first = make_patch_set(trees.upstream, trees.edited, out, FILES)
+    commit()
+    edit(trees.edited / "train_v2.py", BACKEND_LINE, b'backend = "gloo"  # facedistill 2\n')
+    (out / "manifest.json").unlink()  # as the sets made before earlier hashes existed: nothing carried
+    make_patch_set(trees.upstream, trees.edited, out, FILES)
+    commit()
+    edit(trees.edited / "train_v2.py", b"# facedistill 2", b"# facedistill 3")  # not committed yet
+    make_patch_set(trees.upstream, trees.edited, out, FILES)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["files"]["train_v2.py"]["earlier_patched_sha256"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    texts = {name: (out / name).read_bytes() for name in ("patched.json", "upstream.json", "train_v2.py.diff")}
+    filled = fill_earlier_from_git(trees.upstream, repo)
+    second = subprocess.run(["git", "show", "HEAD:patches/arcface_torch/patched.json"], cwd=repo, capture_output=True)
+    second_train = json.loads(second.stdout)["files"]["train_v2.py"].encode()
+    wanted = [sha256_bytes(first.files["train_v2.py"].patched), sha256_bytes(second_train)]
+    assert json.loads((out / "manifest.json").read_text())["files"]["train_v2.py"]["earlier_patched_sha256"] == wanted
+    assert {rel: fp.earlier for rel, fp in filled.files.items()} == {
+        **dict.fromkeys(FILES, frozenset()),
+        "train_v2.py": set(wanted),
+    }
+    assert texts == {name: (out / name).read_bytes() for name in texts}
+    assert fill_earlier_from_git(trees.upstream, repo) == filled  # once or twice: the same
+
+
 # ------------------------------------------------------------------------------------------- loading a patch set
 
 
@@ -459,6 +560,12 @@ def test_load_refuses_a_stale_or_broken_set(trees: Trees) -> None:
         PatchSet.load(trees.patches)
     make_patch_set(trees.upstream, trees.edited, trees.patches, FILES)  # what the messages say to do
     assert PatchSet.load(trees.patches) == trees.patch_set
+    _rewrite_json(
+        trees.patches / "manifest.json", lambda d: d["files"]["train_v2.py"].update(earlier_patched_sha256="x")
+    )
+    with pytest.raises(PatchError, match=r"train_v2\.py's earlier_patched_sha256 is not a list of sha256 hashes"):
+        PatchSet.load(trees.patches)
+    assert make_patch_set(trees.upstream, trees.edited, trees.patches, FILES) == trees.patch_set  # regenerated
     _rewrite_json(trees.patches / "manifest.json", lambda d: d["files"].update({"../x": {}}))
     with pytest.raises(PatchError, match="invalid file path"):
         PatchSet.load(trees.patches)
@@ -480,6 +587,41 @@ def test_shipped_patch_set_applies_and_reverts(tmp_path: Path, upstream: Path) -
     assert status(target, shipped) == dict.fromkeys(shipped.files, FileState.PATCHED)
     revert(target, shipped)
     assert tree_bytes(target) == tree_bytes(upstream)
+
+
+def test_a_checkout_patched_by_an_earlier_shipped_release_upgrades(tmp_path: Path, upstream: Path) -> None:
+    """A real earlier release from this repository's history (6328adb, before resume and the ONNX hunks): its
+    patched train_v2.py and dataset.py are outdated; patch upgrades them to the shipped files, --revert restores
+    upstream. The shipped manifest must list them (``fill_earlier_from_git``)."""
+    repo = Path(__file__).resolve().parents[2]
+    old = "6328adb:patches/arcface_torch"
+    found = subprocess.run(["git", "show", f"{old}/manifest.json"], cwd=repo, capture_output=True, check=False)
+    if shutil.which("git") is None or found.returncode != 0:
+        pytest.skip("no git history of the patch set here")
+    shipped = PatchSet.load()
+    target = copy_tree(upstream, tmp_path / "arcface_torch")
+    for entry in json.loads(found.stdout)["files"].values():
+        diff = subprocess.run(["git", "show", f"{old}/{entry['diff']}"], cwd=repo, capture_output=True, check=True)
+        subprocess.run(["git", "apply", "-p1"], input=diff.stdout, cwd=target, check=True)
+    earlier = tree_bytes(target)
+    states = status(target, shipped)
+    assert states["train_v2.py"] == FileState.OUTDATED and states["dataset.py"] == FileState.PATCHED
+    assert states["torch2onnx.py"] == FileState.UPSTREAM and states["lr_scheduler.py"] == FileState.PATCHED
+    cmd = [sys.executable, "-m", "facedistill.cli", "arcface-torch", "patch", str(target)]
+    shown = subprocess.run([*cmd, "--status"], capture_output=True, text=True, check=True).stdout
+    assert "outdated  train_v2.py (patched by an earlier facedistill: patch upgrades it)\n" in shown
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "  train_v2.py: upgraded\n" in result.stdout and "  torch2onnx.py: patched\n" in result.stdout
+    assert {rel: (target / rel).read_bytes() for rel in shipped.files} == {
+        rel: fp.patched for rel, fp in shipped.files.items()
+    }
+    for rel, data in earlier.items():
+        (target / rel).write_bytes(data)
+    revert(target, shipped)
+    assert {rel: (target / rel).read_bytes() for rel in shipped.files} == {
+        rel: fp.upstream for rel, fp in shipped.files.items()
+    }
 
 
 def test_shipped_diffs_are_the_shipped_files() -> None:

@@ -25,13 +25,16 @@ def _fail(error: Exception) -> None:
 def patch(
     root: Annotated[Path, typer.Argument(help="The arcface_torch folder (or the insightface repository root).")],
     revert: Annotated[bool, typer.Option(help="Restore the upstream files byte for byte.")] = False,
-    status: Annotated[bool, typer.Option(help="Only say, per file, whether it is upstream or patched.")] = False,
+    status: Annotated[
+        bool, typer.Option(help="Only say, per file: upstream, patched, outdated (an earlier facedistill's), modified.")
+    ] = False,
 ) -> None:
     """Apply facedistill's patches (pinned to upstream commit 0159b24d) and install its recipes into configs/.
 
-    Every file is checked against the pinned upstream first; a file that is neither upstream nor patched is
-    refused, naming the file and its first line that differs, and nothing is written. Applying twice changes nothing."""
-    from facedistill.arcface_torch.patching import PatchError, resolve_root
+    Every file is checked against the pinned upstream first; a file patched by an earlier facedistill is upgraded
+    (or reverted), one that is neither upstream nor patched by any facedistill is refused, naming the file and its
+    first line that differs, and nothing is written. Applying twice changes nothing."""
+    from facedistill.arcface_torch.patching import FileState, PatchError, resolve_root
     from facedistill.arcface_torch.patching import apply as apply_patches
     from facedistill.arcface_torch.patching import revert as revert_patches
     from facedistill.arcface_torch.patching import status as patch_status
@@ -40,7 +43,8 @@ def patch(
     try:
         if status:
             for path, state in patch_status(root).items():
-                typer.echo(f"{state.value:9s} {path}")
+                note = " (patched by an earlier facedistill: patch upgrades it)" if state == FileState.OUTDATED else ""
+                typer.echo(f"{state.value:9s} {path}{note}")
             return
         if revert:
             # The files first: a refused revert changes nothing, the recipes included.

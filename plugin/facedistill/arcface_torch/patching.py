@@ -1,12 +1,11 @@
 """Apply and revert facedistill's patches to upstream arcface_torch, byte-exactly and all-or-nothing.
 
-A patch set (``patches/arcface_torch``) is ``manifest.json`` (each file's sha256 before and after), the whole files
-(``upstream.json``, ``patched.json``) and one diff per file for reading (and for ``git apply``, GNU ``patch``). A file
-is upstream, patched or modified (neither): apply writes the shipped patched file over an upstream one, revert the
-pinned upstream file over a patched one, and a modified file is refused, showing its first line that departs from the
-pinned version it is closer to. Nothing is written unless every file can be handled; writes are atomic, keep the mode,
-are read back, and are undone if one fails. Maintainers regenerate the set with ``make_patches``.
-"""
+A patch set (``patches/arcface_torch``) is ``manifest.json`` (each file's sha256 upstream, patched, and patched by each
+earlier release), the whole files (``upstream.json``, ``patched.json``) and a diff per file to read. A file is upstream,
+patched, outdated (an earlier release's) or modified: apply writes the patched file over an upstream or outdated one,
+revert the upstream file over a patched or outdated one; a modified file is refused, showing its first line that departs
+from the version it is closer to. Nothing is written unless every file can be handled; writes are atomic, keep the mode,
+are read back, and are undone if one fails. Maintainers regenerate the set with ``make_patches``."""
 
 from __future__ import annotations
 
@@ -32,6 +31,7 @@ UPSTREAM_COMMIT = "0159b24d44cbc91abbd07b7a6fab0ba923a7fddf"
 MANIFEST_NAME = "manifest.json"
 UPSTREAM_TEXTS_NAME = "upstream.json"  # the pinned upstream file of every patched path: what revert writes
 PATCHED_TEXTS_NAME = "patched.json"  # the patched file of every path: what apply writes
+EARLIER_KEY = "earlier_patched_sha256"  # in a manifest entry: the sha256 of each earlier release's patched file
 MARKER_FILE = "train_v2.py"  # the file whose presence identifies an arcface_torch folder
 INSIGHTFACE_SUBDIR = ("recognition", "arcface_torch")  # where arcface_torch lives in insightface
 
@@ -49,23 +49,26 @@ class FileState(str, Enum):
 
     UPSTREAM = "upstream"
     PATCHED = "patched"
+    OUTDATED = "outdated"  # patched by an earlier facedistill: apply upgrades it, revert restores upstream
     MODIFIED = "modified"
     MISSING = "missing"
 
 
 @dataclass(frozen=True)
 class FilePatch:
-    """One upstream file: both versions (checked against the manifest when loaded) and its diff's name."""
+    """One upstream file: both versions (checked when loaded), its diff's name, earlier releases' patched sha256s."""
 
     path: str
     diff: str
     upstream: bytes
     patched: bytes
+    earlier: frozenset[str] = frozenset()
 
     def state(self, data: bytes | None) -> FileState:
         if data is None:
             return FileState.MISSING
-        return {self.patched: FileState.PATCHED, self.upstream: FileState.UPSTREAM}.get(data, FileState.MODIFIED)
+        known = {self.patched: FileState.PATCHED, self.upstream: FileState.UPSTREAM}.get(data)
+        return known or (FileState.OUTDATED if sha256_bytes(data) in self.earlier else FileState.MODIFIED)
 
 
 @dataclass(frozen=True)
@@ -94,13 +97,11 @@ class PatchSet:
             if [entry.get("upstream_sha256"), entry.get("patched_sha256")] != [sha256_bytes(data) for data in both]:
                 why = f"{path} in {UPSTREAM_TEXTS_NAME} or {PATCHED_TEXTS_NAME} is missing or not {MANIFEST_NAME}'s"
                 raise PatchError(f"patch set {base}: {why} (another sha256); regenerate the patch set")
-            files[path] = FilePatch(path, str(entry.get("diff", "")), *both)
+            earlier = entry.get(EARLIER_KEY, [])
+            if not isinstance(earlier, list) or not all(re.fullmatch(r"[0-9a-f]{64}", str(h)) for h in earlier):
+                raise PatchError(f"{MANIFEST_NAME} in {base}: {path}'s {EARLIER_KEY} is not a list of sha256 hashes")
+            files[path] = FilePatch(path, str(entry.get("diff", "")), *both, frozenset(earlier))
         return cls(str(base), commit, files)
-
-    @property
-    def short_commit(self) -> str:
-        """The pinned commit as people quote it (8 hex digits)."""
-        return self.commit[:8]
 
 
 def _read_json(base: Path | Traversable, name: str) -> dict:
@@ -135,7 +136,7 @@ def check_relative_path(path: str) -> str:
 
 @dataclass(frozen=True)
 class PatchReport:
-    """What ``apply``/``revert`` did: per file "patched", "already patched", "reverted" or "already upstream"."""
+    """What ``apply``/``revert`` did, per file: "patched", "upgraded", "reverted", "already patched|upstream"."""
 
     root: Path
     action: str
@@ -168,28 +169,27 @@ def resolve_root(root: str | os.PathLike[str]) -> Path:
 
 
 def read_file(root: Path, rel: str) -> bytes | None:
-    path = root / rel
     try:
-        return path.read_bytes()
+        return (root / rel).read_bytes()
     except FileNotFoundError:
         return None
     except IsADirectoryError as exc:
-        raise PatchError(f"{rel}: {path} is a directory, not a file") from exc
+        raise PatchError(f"{rel}: {root / rel} is a directory, not a file") from exc
 
 
 def status(root: str | os.PathLike[str], patch_set: PatchSet | None = None) -> dict[str, FileState]:
-    """Per patched file: upstream, patched, modified (neither; refused by apply and revert) or missing. Reads only."""
+    """Per patched file: upstream, patched, outdated, modified (refused by apply and revert) or missing. Reads only."""
     base = resolve_root(root)
     return {rel: fp.state(read_file(base, rel)) for rel, fp in (patch_set or PatchSet.load()).files.items()}
 
 
 def apply(root: str | os.PathLike[str], patch_set: PatchSet | None = None) -> PatchReport:
-    """Patch every file in the checkout ``root`` or none: patched ones stay, a modified or missing one refuses."""
+    """Patch (or upgrade an outdated) every file in ``root`` or none: patched ones stay, a modified one refuses."""
     return _transform(root, patch_set or PatchSet.load(), reverse=False)
 
 
 def revert(root: str | os.PathLike[str], patch_set: PatchSet | None = None) -> PatchReport:
-    """Undo ``apply``, byte for byte and all or nothing: upstream files stay, any other refuses like ``apply``."""
+    """Undo ``apply`` (any release's), byte for byte and all or nothing: upstream files stay, others as ``apply``."""
     return _transform(root, patch_set or PatchSet.load(), reverse=True)
 
 
@@ -204,9 +204,9 @@ def _transform(root: str | os.PathLike[str], patch_set: PatchSet, reverse: bool)
             problems.append(f"{rel}: missing ({base / rel} does not exist)")
         elif state == target:
             outcomes[rel] = f"already {target.value}"
-        elif state == source:
+        elif state in (source, FileState.OUTDATED):
             pending.append((rel, base / rel, data, getattr(fp, target.value)))
-            outcomes[rel] = "reverted" if reverse else "patched"
+            outcomes[rel] = "reverted" if reverse else "upgraded" if state == FileState.OUTDATED else "patched"
         else:
             problems.append(_explain_modified(fp, data, patch_set, reverse))
     if problems:
@@ -219,7 +219,7 @@ def _explain_modified(fp: FilePatch, data: bytes, patch_set: PatchSet, reverse: 
     """Why a file that is neither upstream nor patched is refused: its first line that departs from the pinned version
     it is closer to (an upstream file with local edits, or a patched one), numbered as in the user's file."""
     wanted, other = (FileState.PATCHED, FileState.UPSTREAM) if reverse else (FileState.UPSTREAM, FileState.PATCHED)
-    names = {FileState.UPSTREAM: f"upstream arcface_torch {patch_set.short_commit}"}
+    names = {FileState.UPSTREAM: f"upstream arcface_torch {patch_set.commit[:8]}"}
     names[FileState.PATCHED] = "the facedistill-patched version"
     lines = split_lines(data)
     match = {k: difflib.SequenceMatcher(None, split_lines(getattr(fp, k.value)), lines, False) for k in names}
