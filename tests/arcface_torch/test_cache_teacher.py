@@ -78,7 +78,7 @@ def emulated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[_Recorder
     seen: dict[str, Any] = {}
     recipe = SimpleNamespace(rec=str(tmp_path), get=lambda key, default=None: {"teacher": "sface"}.get(key, default))
 
-    def teacher(cfg: Any, device: str = "cpu") -> Any:
+    def teacher(cfg: Any, device: str = "cpu", threads: int | None = None) -> Any:
         seen["teacher_device"] = device
         return SimpleNamespace(teacher_id="t", embedding_size=512)
 
@@ -188,9 +188,9 @@ def test_on_a_cpu_host_rank_0_embeds_every_record_with_every_core_and_the_others
     threads = torch.get_num_threads()
     seen_while_building: dict[str, Any] = {}
 
-    def teacher(cfg: Any, device: str = "cpu") -> Any:
-        # onnxruntime's threads are fixed when the teacher's session is made, from LOCAL_WORLD_SIZE.
-        seen_while_building["local_world_size"] = os.environ["LOCAL_WORLD_SIZE"]
+    def teacher(cfg: Any, device: str = "cpu", threads: int | None = None) -> Any:
+        # onnxruntime's threads are fixed when the teacher's session is made; a torch teacher runs on torch's.
+        seen_while_building["threads"] = threads
         seen_while_building["torch_threads"] = torch.get_num_threads()
         return SimpleNamespace(teacher_id="t", embedding_size=512)
 
@@ -198,10 +198,10 @@ def test_on_a_cpu_host_rank_0_embeds_every_record_with_every_core_and_the_others
     cache.cache_recipe_teacher("configs/x", batch_size=8, workers=0)
     if rank == 0:
         assert (seen["build"]["rank"], seen["build"]["world_size"]) == (0, 1)
-        assert seen_while_building == {"local_world_size": "1", "torch_threads": os.cpu_count()}
+        assert seen_while_building == {"threads": os.cpu_count(), "torch_threads": os.cpu_count()}
     else:
         assert "build" not in seen, seen
-        assert seen_while_building == {"local_world_size": "2", "torch_threads": threads}
+        assert seen_while_building == {"threads": None, "torch_threads": threads}
     # Every rank meets the others after the embedding, and leaves the process as it found it.
     order = [name for name, _ in recorder.calls]
     assert order.count("barrier") == 1 and order.index("barrier") < order.index("check"), order

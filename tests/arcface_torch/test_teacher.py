@@ -39,6 +39,16 @@ def test_the_network_is_read_from_model_pt(tmp_path: Path, backbone: str, networ
     assert recipe_teacher_id(edict(teacher=str(run), teacher_network=network)) == teacher.teacher_id
 
 
+def test_the_threads_asked_for_reach_an_onnx_teacher_and_torchs_stay_the_callers(tmp_path: Path) -> None:
+    student = create_model("mobilefacenet", embedding_size=128)
+    path = export_onnx(student, tmp_path / "student.onnx", exporter="torchscript").path
+    teacher = create_recipe_teacher(edict(teacher=str(path)), threads=1)
+    assert teacher.intra_op_threads == 1
+    # A run directory's torch network takes no thread count: it is built as without one.
+    run = _run_dir(tmp_path, "mbf", 128)
+    assert create_recipe_teacher(edict(teacher=str(run)), threads=1).embedding_size == 128
+
+
 def test_a_wrong_teacher_network_is_refused_naming_the_right_one(tmp_path: Path) -> None:
     run = _run_dir(tmp_path, "mbf", 128)
     cfg = edict(teacher=str(run), teacher_network="r50")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.arcface_torch.helpers import copy_upstream, facedistill, run
 
@@ -83,7 +84,7 @@ def test_weights_that_are_not_a_backbone_are_refused_in_one_line(checkout: Path,
     assert len(errors) == 1 and errors[0].startswith(f"error: {bad} cannot be loaded as backbone weights"), errors
 
 
-def test_the_embedding_size_is_the_last_1d_tensor_of_the_framework_networks(checkout: Path) -> None:
+def test_the_embedding_size_is_read_from_the_framework_networks_weights(checkout: Path) -> None:
     script = (
         "import json; from backbones import get_model; from facedistill.arcface_torch.tools import embedding_size; "
         "print(json.dumps({name: embedding_size(get_model(name, fp16=False, num_features=96).state_dict()) "
@@ -91,3 +92,17 @@ def test_the_embedding_size_is_the_last_1d_tensor_of_the_framework_networks(chec
     )
     result = run([sys.executable, "-c", script], cwd=checkout)
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"mbf": 96, "mbf_large": 96, "r18": 96}
+
+
+def test_an_unregistered_network_falls_back_to_its_last_1d_tensor() -> None:
+    # vit (it needs timm) and any other backbone infer_backbone does not know: the closing BatchNorm1d decides.
+    from facedistill.arcface_torch.tools import embedding_size
+
+    state = {
+        "patch.weight": torch.zeros(8, 3, 4, 4),
+        "blocks.0.norm.weight": torch.zeros(8),
+        "feature.1.weight": torch.zeros(80),
+    }
+    assert embedding_size(state) == 80
+    with pytest.raises(ValueError, match="has no 1-D tensor"):
+        embedding_size({"w": torch.zeros(2, 2)})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import warnings
 from pathlib import Path
 
@@ -449,6 +450,26 @@ def test_processes_of_one_host_share_its_cores(monkeypatch: pytest.MonkeyPatch) 
     assert default_threads() == 4
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
     assert default_threads() == 1
+
+
+@pytest.mark.parametrize(
+    ("local_world_size", "threads", "spins"),
+    [("1", None, True), ("2", None, False), ("2", "every core", True)],
+)
+def test_a_session_spins_only_when_it_has_the_cores_to_itself(
+    tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch, local_world_size: str, threads: str | None, spins: bool
+) -> None:
+    # A spinning thread of one rank takes a core from another; rank 0 of a CPU host's cache-teacher has them all.
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+    count = os.cpu_count() if threads else None
+    teacher = OnnxTeacher(tiny_onnx, Preprocessing("RGB", 127.5, 127.5), intra_op_threads=count)
+    options = teacher._session.get_session_options()
+    key = "session.intra_op.allow_spinning"  # onnxruntime spins unless this entry says "0"
+    try:
+        entry = options.get_session_config_entry(key)
+    except RuntimeError:  # never set
+        entry = None
+    assert (entry != "0") is spins, entry
 
 
 # --- GPUs under torchrun, emulated: onnxruntime-gpu puts a session on GPU 0 unless told otherwise ---------------

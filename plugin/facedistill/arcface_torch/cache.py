@@ -83,20 +83,14 @@ def join_ranks(wait: datetime.timedelta) -> tuple[dist.ProcessGroup | None, bool
 
 
 @contextlib.contextmanager
-def every_core() -> Iterator[None]:
-    """This process alone uses every core of the host: torch's threads, and onnxruntime's (which share the cores
-    among torchrun's ``LOCAL_WORLD_SIZE`` processes, ``onnx_teacher.default_threads``); both restored after."""
-    threads, local_world = torch.get_num_threads(), os.environ.get("LOCAL_WORLD_SIZE")
-    torch.set_num_threads(os.cpu_count() or 1)
-    os.environ["LOCAL_WORLD_SIZE"] = "1"
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` (a torch teacher's), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
-        if local_world is None:
-            os.environ.pop("LOCAL_WORLD_SIZE", None)
-        else:
-            os.environ["LOCAL_WORLD_SIZE"] = local_world
+        torch.set_num_threads(before)
 
 
 def cache_recipe_teacher(
@@ -123,8 +117,9 @@ def cache_recipe_teacher(
     check_training_set(cfg, dataset)
     # On GPUs every rank embeds its share on its own GPU; on a CPU host rank 0 embeds everything with every core.
     embedders = world_size if host.type == "cuda" else 1
-    with every_core() if embedders < world_size and rank == 0 else contextlib.nullcontext():
-        teacher = create_recipe_teacher(cfg, device=device)
+    every_core = (os.cpu_count() or 1) if embedders < world_size and rank == 0 else None
+    with torch_threads(every_core) if every_core else contextlib.nullcontext():
+        teacher = create_recipe_teacher(cfg, device=device, threads=every_core)
         check_teacher(cfg, teacher.embedding_size, rank, world_size, read_head=True)
         group, owns_group = join_ranks(wait) if world_size > 1 else (None, False)
         directory = teacher_cache_dir(cfg)

@@ -24,7 +24,14 @@ from facedistill.arcface_torch.recipe import (
     recipe_preprocessing,
 )
 from facedistill.models.iresnet import infer_backbone, strip_module_prefix
-from facedistill.teachers import PreprocessingError, Teacher, create_teacher, make_teacher_id, sha256_file
+from facedistill.teachers import (
+    PreprocessingError,
+    Teacher,
+    create_teacher,
+    make_teacher_id,
+    sha256_file,
+    teacher_takes,
+)
 from facedistill.teachers.torch_teacher import ARCFACE_PREPROCESSING
 
 # facedistill backbone -> arcface_torch's name of it
@@ -75,14 +82,21 @@ def _is_run(cfg: Recipe) -> bool:
     return cfg.teacher != "sface" and Path(str(cfg.teacher)).suffix.lower() != ".onnx"
 
 
-def create_recipe_teacher(cfg: Recipe, device: str = "cpu") -> Teacher:
+def create_recipe_teacher(cfg: Recipe, device: str = "cpu", threads: int | None = None) -> Teacher:
     """The recipe's teacher, ready to embed uint8 RGB faces. A run's head shards are not merged here: at millions
-    of identities every training rank reads only its own block of them (``teacher_head_shards``)."""
+    of identities every training rank reads only its own block of them (``teacher_head_shards``).
+
+    ``threads``: the cores an ONNX teacher's session uses (default: this host's cores shared among torchrun's local
+    processes); a torch teacher runs on torch's threads, which are the caller's to set."""
     preprocessing = recipe_preprocessing(cfg)  # refuses the keys for a run's backbone or sface
     if not _is_run(cfg):
+        spec = str(cfg.teacher)
+        options = (
+            {"intra_op_threads": threads} if threads is not None and teacher_takes(spec, "intra_op_threads") else {}
+        )
         try:
             return create_teacher(
-                str(cfg.teacher), preprocessing=preprocessing, preprocessing_keys=RECIPE_PREPROCESSING_KEYS
+                spec, preprocessing=preprocessing, preprocessing_keys=RECIPE_PREPROCESSING_KEYS, **options
             )
         except PreprocessingError as error:  # named in the recipe's keys, refused as every recipe error is
             raise RecipeError(str(error)) from None

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from facedistill.arcface_torch import refusals
+from facedistill.models.iresnet import infer_backbone, strip_module_prefix
 
 refusals.install()  # a refusal of these scripts' input is one line, as in train_v2.py
 
@@ -43,9 +44,13 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def embedding_size(weights: str | Path | dict[str, torch.Tensor]) -> int:
-    """The embedding size of arcface_torch backbone weights: the length of their last 1-D tensor, the closing
-    BatchNorm1d of every arcface_torch network (``features`` of iresnet and mbf, ``feature`` of vit)."""
+    """The embedding size of arcface_torch backbone weights: the registered backbone's reading of them
+    (``models.iresnet.infer_backbone``, the one that loads teachers), else the length of their last 1-D tensor, the
+    closing BatchNorm1d of every arcface_torch network (``features`` of iresnet and mbf, ``feature`` of vit)."""
     state = load_weights(weights) if isinstance(weights, str | Path) else weights
+    inferred = infer_backbone(strip_module_prefix(state))
+    if inferred is not None:
+        return inferred[1]
     sizes = [int(value.shape[0]) for value in state.values() if value.ndim == 1]
     if not sizes:
         raise WeightsError(f"{weights if isinstance(weights, str | Path) else 'the state_dict'} has no 1-D tensor")

@@ -388,8 +388,9 @@ class OnnxTeacher(Teacher):
         # One model, one request at a time: inter-op parallelism would only oversubscribe the cores.
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
-            # Several processes share the cores: a thread spinning for work takes a core from another rank.
+        if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1 and self.intra_op_threads < (os.cpu_count() or 1):
+            # Several processes share the cores: a thread spinning for work takes a core from another rank. (A
+            # session given every core, as rank 0 of a CPU host's cache-teacher, has the cores to itself.)
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.folds_quantized_weights:
             # onnxruntime keeps DequantizeLinear out of constant folding to fuse QDQ groups into int8 kernels, but
