@@ -18,8 +18,12 @@ validated with ``--val-only`` (LFW is not read), and only the final rows read LF
 ``--export DIR`` (``facedistill export`` of the last checkpoint, DIR/ROW_BUDGETep_seedSEED.onnx)::
 
     # tuning: every zoo row, 4 epochs, validation only
-    python benchmarks/learning_curve.py --out bench_out/zoo --rows zoo --budgets 4 --val-only \
+    python benchmarks/learning_curve.py --out bench_out/zoo --rows zoo --budgets 4 --val-only \\
         --results benchmarks/results/zoo_tuning_2026-12-07.json --resume
+    # screening: each peer at the value the tuning rule picks (validation_study.choose_tuned), beside MD and ArcFace
+    python benchmarks/learning_curve.py --out bench_out/zoo --rows arcface_shift4 md_centred_kd_shift4 \\
+        md_official_shift4 zoo_chosen --tuned benchmarks/results/zoo_tuning_2026-12-07.json --budgets 8 \\
+        --val-only --results benchmarks/results/zoo_screen_8ep.json --resume
 
 The results JSON is the study's memory: a (row, budget, seed) already in it with the same overrides is not run
 again, even when its run directory is gone, so commit it as rows finish and a later session continues. A finished
@@ -66,9 +70,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench_out/curve"), help="run directories and the cache")
     parser.add_argument(
-        "--rows", nargs="+", default=["arcface", "md_centred_kd"], choices=["zoo", *sorted(study.ROWS)],
-        help="rows of benchmarks/validation_study.py ('zoo': every zoo_* row)",
+        "--rows", nargs="+", default=["arcface", "md_centred_kd"], choices=["zoo", "zoo_chosen", *sorted(study.ROWS)],
+        help="rows of benchmarks/validation_study.py ('zoo': every zoo_* row; 'zoo_chosen': each peer's row that "
+        "the tuning rule picks from --tuned)",
     )  # fmt: skip
+    parser.add_argument("--tuned", type=Path, help="results JSON of the zoo's tuning study, for --rows zoo_chosen")
     parser.add_argument("--budgets", nargs="+", type=float, default=[4.0, 8.0, 16.0, 36.0], help="epochs")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--resume", action="store_true", help="continue interrupted runs from their last checkpoint")
@@ -94,7 +100,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     zoo = [row for row in study.ROWS if row.startswith("zoo_")]
-    args.rows = list(dict.fromkeys(name for row in args.rows for name in (zoo if row == "zoo" else [row])))
+    args.chosen = None
+    if "zoo_chosen" in args.rows:
+        if args.tuned is None:
+            parser.error("--rows zoo_chosen needs --tuned: the results JSON of the tuning study")
+        try:
+            args.chosen = study.choose_tuned(json.loads(args.tuned.read_text())["runs"])
+        except (OSError, ValueError, KeyError) as error:
+            parser.error(f"--tuned {args.tuned}: {error}")
+    expand = {"zoo": zoo, "zoo_chosen": list(args.chosen.values()) if args.chosen else []}
+    args.rows = list(dict.fromkeys(name for row in args.rows for name in expand.get(row, [row])))
     return args
 
 
@@ -329,6 +344,11 @@ def plotted_runs(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 def write_outputs(report: dict[str, Any], args: argparse.Namespace, stem: Path) -> None:
     lines = table(report, paired_baseline(report, args.rows))
+    if report.get("tuned"):
+        tuned = report["tuned"]
+        picks = ", ".join(f"{method}: {row}" for method, row in tuned["chosen"].items())
+        lines += ["", f"Peers as tuned on validation ({tuned['file']}, highest val AUC, accuracy within "
+                  f"{study.TIE_PP} pp): {picks}"]  # fmt: skip
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot_curve(report, teacher_test_accuracy(args), Path(f"{stem}.png"))
@@ -362,6 +382,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
     report["machine"] = {"host": platform.node(), "cpus": torch.get_num_threads(), "torch": torch.__version__}
     report["val_name"] = Path(args.val_pairs).name
+    if args.chosen:
+        report["tuned"] = {"file": str(args.tuned), "chosen": args.chosen}
     report["test_name"] = (
         "LFW" if args.test_pairs == str(study.SHARED / "lfw_pairs.txt") else Path(args.test_pairs).name
     )

@@ -153,6 +153,35 @@ for _method, (_defaults, _data, _variants) in ZOO_VARIANTS.items():
         }
 
 
+def zoo_rows(method: str) -> list[str]:
+    """The zoo rows of one peer method, its paper's default first."""
+    return ["zoo_" + "_".join(filter(None, (method, suffix))) for suffix in ZOO_VARIANTS[method][2]]
+
+
+# The zoo's tuning rule, fixed before any tuning row was read: the highest validation AUC (less noisy than
+# accuracy on 600 pairs); where the runner-up's AUC is within TIE_PP of it, the higher validation accuracy.
+TIE_PP = 0.3
+
+
+def choose_tuned(runs: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """For every zoo method, the row the tuning rule picks from a results file's runs (one budget, seed 0)."""
+    chosen: dict[str, str] = {}
+    for method in ZOO_VARIANTS:
+        rows = zoo_rows(method)
+        entries = [entry for entry in runs.values() if entry["row"] in rows and entry["seed"] == 0]
+        budgets = {entry["budget_epochs"] for entry in entries}
+        missing = sorted(set(rows) - {entry["row"] for entry in entries})
+        if missing or len(budgets) != 1:
+            raise ValueError(
+                f"tuning of {method} incomplete: rows {missing} not measured (seed 0), budgets {sorted(budgets)}; "
+                "finish the tuning study first"
+            )
+        ranked = sorted(entries, key=lambda entry: entry["val_auc"], reverse=True)
+        close = [entry for entry in ranked if (ranked[0]["val_auc"] - entry["val_auc"]) * 100 <= TIE_PP + 1e-9]
+        chosen[method] = max(close, key=lambda entry: (entry["val_accuracy"], entry["val_auc"]))["row"]
+    return chosen
+
+
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in overrides.items():

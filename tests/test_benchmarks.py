@@ -232,3 +232,32 @@ def test_teacher_shift_invariance_compares_each_view_to_the_unshifted_embedding(
     assert figures["shift 0"] == pytest.approx(1.0, abs=1e-5)  # no shift: the very embedding it is compared with
     assert all(-1.0 <= value < 1.0 - 1e-4 for key, value in figures.items() if key != "shift 0")
     assert json.loads((tmp_path / "shift.json").read_text())["images"] == 6
+
+
+def test_the_zoo_tuning_rule_picks_the_best_auc_and_breaks_a_near_tie_on_accuracy(tmp_path: Path) -> None:
+    import pytest
+
+    study = load_benchmark("validation_study")
+    curve = load_benchmark("learning_curve")
+    runs = {}
+    for method in study.ZOO_VARIANTS:
+        for index, row in enumerate(study.zoo_rows(method)):
+            # The default (index 0) has the best AUC by 0.2 pp, the second value the better accuracy.
+            auc, accuracy = (0.802, 0.70) if index == 0 else (0.800 if index == 1 else 0.790, 0.75)
+            runs[f"{row}_4ep_seed0"] = {
+                "row": row,
+                "seed": 0,
+                "budget_epochs": 4.0,
+                "val_auc": auc,
+                "val_accuracy": accuracy,
+            }
+    runs["zoo_kd_t2_4ep_seed0"]["val_auc"] = 0.790  # kd: the default wins outright
+    chosen = study.choose_tuned(runs)
+    assert chosen["kd"] == "zoo_kd" and chosen["gkd"] == "zoo_gkd_warm025" and len(chosen) == len(study.ZOO_VARIANTS)
+    tuned = tmp_path / "tuning.json"
+    tuned.write_text(json.dumps({"runs": runs}))
+    args = curve.parse_args(["--rows", "arcface_shift4", "zoo_chosen", "--tuned", str(tuned)])
+    assert args.rows == ["arcface_shift4", *chosen.values()]
+    del runs["zoo_ekd_x10_4ep_seed0"]
+    with pytest.raises(ValueError, match=r"tuning of ekd incomplete: rows \['zoo_ekd_x10'\]"):
+        study.choose_tuned(runs)
