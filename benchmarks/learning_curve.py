@@ -83,7 +83,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, help="results JSON (default OUT/learning_curve.json)")
     parser.add_argument("--cache", type=Path, help="teacher cache of the training set (default: built in OUT)")
     parser.add_argument("--teacher", default="sface", help="teacher spec for the cache ('none' with --cache)")
-    parser.add_argument("--train", default=str(study.SHARED / "celeba299"), help="training identity folders")
+    parser.add_argument(
+        "--train", nargs="+", default=[str(study.SHARED / "celeba299")],
+        help="training identity folders; several roots train as one set (OUT/train_merged: a link per identity)",
+    )  # fmt: skip
     parser.add_argument(
         "--exclude", default=str(study.SPLIT / "val_identities.txt"), help="identities left out ('none': none)"
     )
@@ -111,6 +114,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     expand = {"zoo": zoo, "zoo_chosen": list(args.chosen.values()) if args.chosen else []}
     args.rows = list(dict.fromkeys(name for row in args.rows for name in expand.get(row, [row])))
     return args
+
+
+def merged_training_folder(roots: list[str], folder: Path) -> Path:
+    """One identity-folder set made of several roots: ``folder/<identity>`` links to ``root/<identity>``. Identity
+    names must not repeat across roots (they would be one class); a link already there must point where asked."""
+    folder.mkdir(parents=True, exist_ok=True)
+    owner: dict[str, Path] = {}
+    for root in map(Path, roots):
+        if not root.is_dir():
+            raise SystemExit(f"--train {root}: no such folder of identity folders")
+        for identity in sorted(entry.name for entry in root.iterdir() if entry.is_dir()):
+            if identity in owner:
+                raise SystemExit(f"--train: identity {identity!r} is in both {owner[identity]} and {root}")
+            owner[identity] = root
+            link, target = folder / identity, (root / identity).resolve()
+            if link.is_symlink() and link.resolve() != target:
+                raise SystemExit(f"{link} links to {link.resolve()}, not {target}: delete {folder} and run again")
+            if not link.is_symlink():
+                link.symlink_to(target, target_is_directory=True)
+    stale = sorted(entry.name for entry in folder.iterdir() if entry.name not in owner)
+    if stale:
+        raise SystemExit(f"{folder} holds identities of no --train root ({stale[:3]}): delete it and run again")
+    return folder
 
 
 def run_key(row: str, budget: float, seed: int) -> str:
@@ -184,6 +210,7 @@ def measure_run(
     return {
         "row": row,
         "budget_epochs": budget,
+        "train_set": context["train_set"],
         "seed": seed,
         "overrides": study.ROWS[row],
         "set": args.set,
@@ -388,6 +415,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "LFW" if args.test_pairs == str(study.SHARED / "lfw_pairs.txt") else Path(args.test_pairs).name
     )
 
+    roots = args.train
+    args.train = roots[0] if len(roots) == 1 else str(merged_training_folder(roots, args.out / "train_merged"))
     exclude = None if args.exclude == "none" else read_identity_list(args.exclude)
     dataset = open_training_set(args.train, exclude=exclude)
     cache_dir = args.cache or args.out / "teacher_cache"
@@ -408,7 +437,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report["teacher_angle_mean"][row] = float(teacher_angles[angle_rows].mean())
         return centres[row]
 
-    context: dict[str, Any] = {"sample": sample, "centres": row_centres, "test_set": None}
+    # What a run trained on (the set's fingerprint names its images and exclusions): a row measured on another
+    # training set is not this one. Entries written before this was recorded trained on the default set.
+    train_set = {"name": Path(args.train).name, "fingerprint": dataset.fingerprint(), "identities": dataset.num_classes}
+    context: dict[str, Any] = {"sample": sample, "centres": row_centres, "test_set": None, "train_set": train_set}
     stem = results_path.with_suffix("")
     for row in args.rows:
         row_centres(row)
@@ -419,6 +451,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 key = run_key(row, budget, seed)
                 entry = report["runs"].get(key)
                 same = json.loads(json.dumps(study.ROWS[row]))
+                if entry is not None and entry.get("train_set", train_set)["fingerprint"] != train_set["fingerprint"]:
+                    raise SystemExit(
+                        f"{results_path} holds {key} trained on {entry['train_set']['name']} "
+                        f"({entry['train_set']['identities']} identities), not on this --train/--exclude "
+                        f"({train_set['identities']}): give this training set its own --results (and --out)"
+                    )
                 measured = entry is not None and entry["overrides"] == same and entry["set"] == args.set
                 # A val-only row read again without --val-only is tested from its run, not trained again.
                 if measured and (args.val_only or entry["test"] is not None):

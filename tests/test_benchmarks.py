@@ -6,6 +6,8 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -261,3 +263,88 @@ def test_the_zoo_tuning_rule_picks_the_best_auc_and_breaks_a_near_tie_on_accurac
     del runs["zoo_ekd_x10_4ep_seed0"]
     with pytest.raises(ValueError, match=r"tuning of ekd incomplete: rows \['zoo_ekd_x10'\]"):
         study.choose_tuned(runs)
+
+
+def test_learning_curve_trains_on_several_roots_as_one_set_and_keeps_each_sets_results_apart(tmp_path) -> None:
+    import pytest
+
+    from facedistill.data.datasets import ImageFolderDataset
+    from facedistill.teachers.cache import build_teacher_cache
+    from tests.helpers import ProjectionTeacher, write_identity_folders
+
+    curve = load_benchmark("learning_curve")
+    first = write_identity_folders(tmp_path / "a", 3, 4)
+    second = write_identity_folders(tmp_path / "b", 2, 4, first_identity=500)
+    merged = curve.merged_training_folder([str(first), str(second)], tmp_path / "out" / "train_merged")
+    assert sorted(entry.name for entry in merged.iterdir()) == sorted(
+        [entry.name for entry in first.iterdir()] + [entry.name for entry in second.iterdir()]
+    )
+    assert curve.merged_training_folder([str(first), str(second)], merged) == merged  # again: the same links
+    with pytest.raises(SystemExit, match="is in both"):
+        curve.merged_training_folder([str(first), str(first)], tmp_path / "twice")
+    with pytest.raises(SystemExit, match="holds identities of no --train root"):
+        curve.merged_training_folder([str(first)], merged)
+    # A results file remembers which training set each row trained on, and refuses to mix sets.
+    build_teacher_cache(
+        ProjectionTeacher(), ImageFolderDataset(merged), tmp_path / "cache", num_workers=0, progress=False
+    )
+    results = tmp_path / "results.json"
+    other = {"name": "celeba299", "fingerprint": "folder:0", "identities": 269}
+    entry = {"row": "arcface", "budget_epochs": 1.0, "seed": 0, "train_set": other}
+    results.write_text(json.dumps({"runs": {"arcface_1ep_seed0": entry}}))
+    argv = [
+        "--out", str(tmp_path / "out"), "--rows", "arcface", "--budgets", "1", "--teacher", "none",
+        "--cache", str(tmp_path / "cache"), "--train", str(first), str(second), "--exclude", "none",
+        "--results", str(results), "--val-only",
+    ]  # fmt: skip
+    with pytest.raises(SystemExit, match=r"holds arcface_1ep_seed0 trained on celeba299 \(269 identities\), not on"):
+        curve.main(argv)
+
+
+def test_split_separation_reads_the_same_runs_on_each_pair_set(tmp_path) -> None:
+    from facedistill.data.datasets import ImageFolderDataset
+    from facedistill.teachers.cache import build_teacher_cache
+    from tests.helpers import ProjectionTeacher, make_face_folders
+
+    train_dir, pairs = make_face_folders(tmp_path, identities=4, images=6, test_identities=4)
+    cache = tmp_path / "cache"
+    build_teacher_cache(ProjectionTeacher(), ImageFolderDataset(train_dir), cache, num_workers=0, progress=False)
+    curve = load_benchmark("learning_curve")
+    curve.main([
+        "--out", str(tmp_path / "out"), "--rows", "zoo_kd", "--budgets", "1", "--cache", str(cache),
+        "--teacher", "none", "--train", str(train_dir), "--exclude", "none", "--val-pairs", str(pairs),
+        "--val-images", str(tmp_path), "--results", str(tmp_path / "curve.json"), "--val-only",
+        "--set", "model.embedding_size=16", "data.batch_size=8", "data.num_workers=0", "train.channels_last=false",
+    ])  # fmt: skip
+    # A second "method": the same run with its weights moved a little (one training is enough to read two).
+    import shutil
+
+    import torch
+
+    runs = [tmp_path / "out" / "runs" / name for name in ("zoo_kd_1ep_seed0", "moved_1ep_seed0")]
+    shutil.copytree(runs[0], runs[1])
+    checkpoint = torch.load(runs[1] / "last.pt", weights_only=False)
+    generator = torch.Generator().manual_seed(0)
+    for value in checkpoint["model"].values():
+        if value.is_floating_point():
+            value += 0.05 * value.std().nan_to_num() * torch.randn(value.shape, generator=generator)
+    torch.save(checkpoint, runs[1] / "last.pt")
+    again = tmp_path / "again" / "pairs.tsv"
+    again.parent.mkdir()
+    again.write_text(pairs.read_text())
+    separation = load_benchmark("split_separation")
+    report = separation.main([
+        "--runs", *map(str, runs), "--pairs", str(pairs), str(again), "--images", str(tmp_path), "--bootstrap", "50",
+        "--results", str(tmp_path / "separation.json"),
+    ])  # fmt: skip
+    first, second = report["splits"].values()
+    assert first == second  # the same pairs give the same reading, bootstrap included (seeded)
+    # The bootstrap's AUC is the evaluation path's (a 1-epoch toy's scores all round to 1.0: checked on others).
+    from facedistill.eval.metrics import verification_metrics
+
+    scores, same = np.random.default_rng(0).normal(size=200), np.arange(200) % 2 == 0
+    scores[same] += 0.5
+    assert separation.pairs_auc(scores, same) == verification_metrics(scores, same, 10).auc
+    paired = first["runs"]["moved_1ep_seed0"]["paired"]
+    assert paired["against"] == "zoo_kd_1ep_seed0" and paired["auc_difference_se_pp"] > 0
+    assert (tmp_path / "separation.md").read_text().count("| moved_1ep_seed0 |") == 2
