@@ -348,3 +348,26 @@ def test_split_separation_reads_the_same_runs_on_each_pair_set(tmp_path) -> None
     paired = first["runs"]["moved_1ep_seed0"]["paired"]
     assert paired["against"] == "zoo_kd_1ep_seed0" and paired["auc_difference_se_pp"] > 0
     assert (tmp_path / "separation.md").read_text().count("| moved_1ep_seed0 |") == 2
+
+
+def test_centre_quality_reads_each_root_by_images_per_identity(tmp_path) -> None:
+    from facedistill.data.datasets import ImageFolderDataset
+    from facedistill.data.synthetic import write_identity_folders
+    from facedistill.teachers.cache import build_teacher_cache
+    from tests.helpers import ProjectionTeacher
+
+    quality = load_benchmark("centre_quality")
+    small = write_identity_folders(tmp_path / "small", 3, 2)
+    large = write_identity_folders(tmp_path / "large", 2, 5, first_identity=100)
+    merged = load_benchmark("learning_curve").merged_training_folder([str(small), str(large)], tmp_path / "m")
+    build_teacher_cache(
+        ProjectionTeacher(), ImageFolderDataset(merged), tmp_path / "cache", num_workers=0, progress=False
+    )
+    argv = ["--train", str(small), str(large), "--exclude", "none", "--cache", str(tmp_path / "cache")]
+    report = quality.main([*argv, "--out", str(tmp_path), "--results", str(tmp_path / "quality.json")])
+    rows = {(row["root"], row["images_per_identity"]): row for row in report["rows"]}
+    assert set(rows) == {("small", "2"), ("large", "5-8"), ("all", "2"), ("all", "5-8")}
+    assert (rows["small", "2"]["identities"], rows["small", "2"]["images"]) == (3, 6)
+    for row in rows.values():
+        # An image is part of its own centre: it is closer to it than to the centre of the others of its class.
+        assert row["cos_own_centre"] > row["cos_leave_one_out"] and 0.2 <= row["md_margin"] <= 0.5
