@@ -18,7 +18,6 @@ represents an image it was not made from), and the cosine between the centre and
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
@@ -131,11 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{row['cos_own_centre']:.3f} | {row['md_margin']:.3f} | {row['cos_leave_one_out']:.3f} | "
             f"{row['cos_nearest_other_centre']:.3f} |"
         )
-    print("\n".join(lines))
-    if args.results is not None:
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(json.dumps(report, indent=1) + "\n")
-        args.results.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    study.publish(report, lines, args.results)
     return report
 
 

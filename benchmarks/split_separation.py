@@ -17,8 +17,8 @@ The set with the larger |t| and |AUC difference| / SE separates the methods bett
 from __future__ import annotations
 
 import argparse
-import json
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,9 @@ import torch
 from facedistill.eval.metrics import auc, roc_curve
 from facedistill.eval.verify import evaluate_pairs, load_pairs_set, student_embedder
 from facedistill.train.checkpoint import load_student
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import validation_study as study  # noqa: E402  (the studies' shared output)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -121,11 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "splits": {str(path): read_set(args.runs, path, args.images, args.bootstrap) for path in args.pairs},
     }
     lines = table(report)
-    print("\n".join(lines))
-    if args.results is not None:
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(json.dumps(report, indent=1) + "\n")
-        args.results.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    study.publish(report, lines, args.results)
     return report
 
 

@@ -182,6 +182,15 @@ def choose_tuned(runs: dict[str, dict[str, Any]]) -> dict[str, str]:
     return chosen
 
 
+def publish(report: dict[str, Any], lines: list[str], results: Path | None) -> None:
+    """Print a study's table; with ``results``, keep the report there (JSON) and the table beside it (.md)."""
+    print("\n".join(lines))
+    if results is not None:
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps(report, indent=1) + "\n")
+        results.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in overrides.items():
