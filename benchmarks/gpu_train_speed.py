@@ -3,6 +3,9 @@
     python benchmarks/gpu_train_speed.py                        # bf16 autocast, channels_last, batch 512
     python benchmarks/gpu_train_speed.py --amp fp16 --compile   # fp16 with GradScaler, torch.compile
     python benchmarks/gpu_train_speed.py --device cpu --batch-size 8 --steps 2 --warmup 1   # CI smoke run
+    # the distillation zoo's rows (benchmarks/validation_study.py) on this CPU, fp32, 3 interleaved rounds
+    python benchmarks/gpu_train_speed.py --device cpu --amp none --batch-size 128 --steps 8 --warmup 2 \
+        --num-classes 269 --rounds 3 --rows arcface_shift4 md_centred_kd_shift4 zoo_kd zoo_gkd
 
 Target: >= 8,000 img/s on one H100 for either method (default settings; the whole run takes well under 5 minutes,
 about a minute more per method with --compile).
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -66,7 +70,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 def step_speed(
-    method_name: str,
+    method_config: dict[str, object] | str,
     device: torch.device,
     batch_size: int = 512,
     steps: int = 30,
@@ -79,9 +83,11 @@ def step_speed(
     pool_batches: int = 4,
     seed: int = 0,
 ) -> float:
-    """Images/s of ``steps`` training steps of ``method_name`` after ``warmup`` untimed ones."""
+    """Images/s of ``steps`` training steps of a method (a name, or a ``method`` section) after ``warmup`` untimed
+    ones."""
     config = Config()
-    config.method = {"name": method_name}
+    config.method = dict(method_config) if isinstance(method_config, dict) else {"name": method_config}
+    method_name = str(config.method["name"])
     config.model.embedding_size = embedding_size
     config.data.batch_size = batch_size
     config.train.channels_last = channels_last
@@ -152,7 +158,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--compile", action="store_true", help="torch.compile the student, as train.compile")
     parser.add_argument("--contiguous", action="store_true", help="NCHW instead of channels_last")
     parser.add_argument("--num-classes", type=int, default=10_572, help="identities (CASIA-WebFace: 10,572)")
-    parser.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=list(METHOD_NAMES))
+    parser.add_argument("--methods", nargs="+", choices=METHODS.names(), default=list(METHOD_NAMES))
+    parser.add_argument(
+        "--rows", nargs="+", metavar="ROW", help="rows of benchmarks/validation_study.py instead of --methods: each "
+        "row's method section, as the study trains it",
+    )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; the median of each is printed")
     args = parser.parse_args(argv)
     if args.warmup < 1:
         parser.error("--warmup must be >= 1 (the first step allocates, tunes and compiles)")
@@ -168,25 +179,44 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"{args.warmup} warm-up + {args.steps} timed steps",
         flush=True,
     )
-    results: dict[str, float] = {}
-    for name in args.methods:
-        results[name] = step_speed(
-            name,
-            device,
-            batch_size=args.batch_size,
-            steps=args.steps,
-            warmup=args.warmup,
-            amp_dtype=amp_dtype,
-            channels_last=not args.contiguous,
-            compile_model=args.compile,
-            num_classes=args.num_classes,
-        )
-        print(f"{name:22s} {results[name]:9.1f} img/s", flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    if len(results) == 2:
-        ratio = results["margin_distillation"] / results["arcface"]
-        print(f"ratio margin_distillation / arcface: {ratio:.3f}")
+    if args.rows:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import validation_study as study
+
+        unknown = [row for row in args.rows if row not in study.ROWS]
+        if unknown:
+            parser.error(f"--rows: {unknown} are not rows of benchmarks/validation_study.py")
+        sections = {row: study.ROWS[row]["method"] for row in args.rows}
+    else:
+        sections = {name: {"name": name} for name in args.methods}
+    speeds: dict[str, list[float]] = {name: [] for name in sections}
+    for round_index in range(args.rounds):
+        for name, section in sections.items():
+            speeds[name].append(
+                step_speed(
+                    section,
+                    device,
+                    batch_size=args.batch_size,
+                    steps=args.steps,
+                    warmup=args.warmup,
+                    amp_dtype=amp_dtype,
+                    channels_last=not args.contiguous,
+                    compile_model=args.compile,
+                    num_classes=args.num_classes,
+                )
+            )
+            rounds = f" (round {round_index + 1} of {args.rounds})" if args.rounds > 1 else ""
+            print(f"{name:22s} {speeds[name][-1]:9.1f} img/s{rounds}", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    results = {name: float(np.median(values)) for name, values in speeds.items()}
+    if args.rounds > 1:
+        for name, value in results.items():
+            print(f"{name:22s} {value:9.1f} img/s (median of {args.rounds})")
+    baseline = next((name for name in results if sections[name]["name"] == "arcface"), None)
+    for name, value in results.items():
+        if baseline is not None and name != baseline:
+            print(f"ratio {name} / {baseline}: {value / results[baseline]:.3f}")
     return results
 
 

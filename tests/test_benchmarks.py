@@ -371,3 +371,21 @@ def test_centre_quality_reads_each_root_by_images_per_identity(tmp_path) -> None
     for row in rows.values():
         # An image is part of its own centre: it is closer to it than to the centre of the others of its class.
         assert row["cos_own_centre"] > row["cos_leave_one_out"] and 0.2 <= row["md_margin"] <= 0.5
+
+
+def test_gpu_train_speed_times_the_study_rows_of_every_method(capsys, monkeypatch) -> None:
+    benchmark = load_benchmark("gpu_train_speed")
+    study = load_benchmark("validation_study")
+    rows = ["arcface_shift4", "md_centred_kd_shift4", *(study.zoo_rows(method)[0] for method in study.ZOO_VARIANTS)]
+    argv = ["--device", "cpu", "--batch-size", "4", "--steps", "1", "--warmup", "1", "--num-classes", "10"]
+    results = benchmark.main([*argv, "--rows", *rows])
+    assert list(results) == rows and all(speed > 0 for speed in results.values())
+    # Interleaved rounds: each row's median, and its ratio to the ArcFace row.
+    timings = iter([100.0, 50.0, 300.0, 70.0, 200.0, 60.0])
+    monkeypatch.setattr(benchmark, "step_speed", lambda *args, **kwargs: next(timings))
+    capsys.readouterr()
+    results = benchmark.main([*argv, "--rounds", "3", "--rows", "arcface_shift4", "zoo_ekd"])
+    printed = capsys.readouterr().out
+    assert results == {"arcface_shift4": 200.0, "zoo_ekd": 60.0}
+    assert re.search(r"^zoo_ekd +60\.0 img/s \(median of 3\)$", printed, re.MULTILINE)
+    assert re.search(r"^ratio zoo_ekd / arcface_shift4: 0\.300$", printed, re.MULTILINE)
