@@ -25,6 +25,11 @@ validated with ``--val-only`` (LFW is not read), and only the final rows read LF
         md_official_shift4 zoo_chosen --tuned benchmarks/results/zoo_tuning_2026-12-07.json --budgets 8 \\
         --val-only --results benchmarks/results/zoo_screen_8ep.json --resume
 
+The screen and the final rows train on the 250 identities of ``recipes/splits/celeba299_49`` and choose on its 2000
+pairs (``--exclude recipes/splits/celeba299_49/val_identities.txt --val-pairs
+recipes/splits/celeba299_49/val_pairs.tsv``; why: that folder's README), and with ``--train ../shared/data/celeba299
+../shared/data/celeba_extra`` on both roots as one set.
+
 The results JSON is the study's memory: a (row, budget, seed) already in it with the same overrides is not run
 again, even when its run directory is gone, so commit it as rows finish and a later session continues. A finished
 run directory of the same config is reused; an interrupted one continues from its last checkpoint with
