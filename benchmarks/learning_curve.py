@@ -20,15 +20,16 @@ validated with ``--val-only`` (LFW is not read), and only the final rows read LF
     # tuning: every zoo row, 4 epochs, validation only
     python benchmarks/learning_curve.py --out bench_out/zoo --rows zoo --budgets 4 --val-only \\
         --results benchmarks/results/zoo_tuning_2026-12-07.json --resume
-    # screening: each peer at the value the tuning rule picks (validation_study.choose_tuned), beside MD and ArcFace
-    python benchmarks/learning_curve.py --out bench_out/zoo --rows arcface_shift4 md_centred_kd_shift4 \\
+    # screening on celeba299_49: each peer at the value the tuning rule picks (validation_study.choose_tuned)
+    python benchmarks/learning_curve.py --out bench_out/split49 --rows arcface_shift4 md_centred_kd_shift4 \\
         md_official_shift4 zoo_chosen --tuned benchmarks/results/zoo_tuning_2026-12-07.json --budgets 8 \\
-        --val-only --results benchmarks/results/zoo_screen_8ep.json --resume
+        --val-only --exclude recipes/splits/celeba299_49/val_identities.txt \\
+        --val-pairs recipes/splits/celeba299_49/val_pairs.tsv \\
+        --results benchmarks/results/zoo_screen_split49_8ep_2026-12-07.json --resume
 
 The screen and the final rows train on the 250 identities of ``recipes/splits/celeba299_49`` and choose on its 2000
-pairs (``--exclude recipes/splits/celeba299_49/val_identities.txt --val-pairs
-recipes/splits/celeba299_49/val_pairs.tsv``; why: that folder's README), and with ``--train ../shared/data/celeba299
-../shared/data/celeba_extra`` on both roots as one set.
+pairs (why: that folder's README); ``--train ../shared/data/celeba299 ../shared/data/celeba_extra`` trains on both
+roots as one set.
 
 The results JSON is the study's memory: a (row, budget, seed) already in it with the same overrides is not run
 again, even when its run directory is gone, so commit it as rows finish and a later session continues. A finished
