@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from facedistill.data.datasets import open_training_set
 from facedistill.data.splits import read_identity_list
+from facedistill.distill.margin_distillation import per_sample_margins
 from facedistill.teachers.cache import TeacherCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,24 +51,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def image_statistics(cache: TeacherCache, labels: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
-    """Per image: cosine to its own centre, to the centre of its class's other images; per class: nearest other
-    centre's cosine. Embeddings are L2-normalised, centred by the cache's mean, normalised again (as MD's centres)."""
+    """Per image: cosine to its own centre, to the centre of its class's other images, and the margin MD gives it;
+    per class: nearest other centre's cosine. Centres and cosines are the cache's own (``mean_centres`` and
+    ``typicality``, centred by the mean embedding as ``teacher.subtract_mean``), the margin MD's formula."""
     offset = cache.mean_embedding().float()
+    centres = cache.mean_centres(labels, num_classes, offset=offset)
+    typicality = cache.typicality(centres, labels, offset=offset)  # [N, 2]: images and mirrors
+    margins = per_sample_margins(typicality[:, 0], M_MIN, M_MAX, normaliser=typicality.max())  # dataset normaliser
+    # Leave-one-out needs the class sums before normalising (mean_centres keeps only their directions).
     views = F.normalize(torch.from_numpy(np.asarray(cache.embeddings[:], dtype=np.float32)), dim=2)
-    centred = F.normalize(views - offset, dim=2)
+    own_sums = (views.sum(dim=1) - 2 * offset).double()
     index = torch.from_numpy(labels)
-    sums = torch.zeros(num_classes, centred.shape[2], dtype=torch.float64)
-    sums.index_add_(0, index, (views.sum(dim=1) - 2 * offset).double())  # as TeacherCache.mean_centres sums
-    centres = F.normalize(sums.float(), dim=1)
-    own = (centred[:, 0] * centres[index]).sum(dim=1)
-    others = F.normalize(sums[index].float() - (views.sum(dim=1) - 2 * offset), dim=1)
-    leave_one_out = (centred[:, 0] * others).sum(dim=1)
+    sums = torch.zeros(num_classes, views.shape[2], dtype=torch.float64).index_add_(0, index, own_sums)
+    others = F.normalize((sums[index] - own_sums).float(), dim=1)
+    leave_one_out = (F.normalize(views[:, 0] - offset, dim=1) * others).sum(dim=1)
     similarity = centres @ centres.T
     similarity.fill_diagonal_(-2.0)
-    typicality = (centred * centres[index][:, None, :]).sum(dim=2)  # both views: the dataset normaliser's max
     return {
-        "own": own.numpy(),
+        "own": typicality[:, 0].numpy(),
         "leave_one_out": leave_one_out.numpy(),
+        "md_margin": margins.numpy(),
         "nearest_other_centre": similarity.max(dim=1).values.numpy(),
         "normaliser": np.float32(typicality.max()),
     }
@@ -76,7 +79,6 @@ def image_statistics(cache: TeacherCache, labels: np.ndarray, num_classes: int) 
 def group_rows(stats: dict[str, np.ndarray], labels: np.ndarray, roots: np.ndarray) -> list[dict[str, Any]]:
     counts = np.bincount(labels)
     per_image_count = counts[labels]
-    margin = M_MIN + (M_MAX - M_MIN) * np.clip(stats["own"], 0, None) / stats["normaliser"]
     rows = []
     names = sorted(set(roots))
     for root in [*names, "all"] if len(names) > 1 else names:
@@ -90,7 +92,7 @@ def group_rows(stats: dict[str, np.ndarray], labels: np.ndarray, roots: np.ndarr
                 "root": root, "images_per_identity": name,
                 "identities": len(classes), "images": int(chosen.sum()),
                 "cos_own_centre": float(stats["own"][chosen].mean()),
-                "md_margin": float(margin[chosen].mean()),
+                "md_margin": float(stats["md_margin"][chosen].mean()),
                 "cos_leave_one_out": float(stats["leave_one_out"][chosen].mean()),
                 "cos_nearest_other_centre": float(stats["nearest_other_centre"][classes].mean()),
             })  # fmt: skip

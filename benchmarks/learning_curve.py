@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from facedistill.config import Config, apply_overrides, from_dict
-from facedistill.data.datasets import open_training_set
+from facedistill.data.datasets import open_training_set, scan_identity_folders
 from facedistill.data.splits import read_identity_list
 from facedistill.eval.metrics import VerificationResult, plot_roc
 from facedistill.eval.verify import evaluate_pairs, load_pairs_set, student_embedder
@@ -128,9 +128,11 @@ def merged_training_folder(roots: list[str], folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     owner: dict[str, Path] = {}
     for root in map(Path, roots):
-        if not root.is_dir():
-            raise SystemExit(f"--train {root}: no such folder of identity folders")
-        for identity in sorted(entry.name for entry in root.iterdir() if entry.is_dir()):
+        try:
+            identities = scan_identity_folders(root)  # the training set's own listing
+        except FileNotFoundError as error:
+            raise SystemExit(f"--train: {error}") from None
+        for identity in identities:
             if identity in owner:
                 raise SystemExit(f"--train: identity {identity!r} is in both {owner[identity]} and {root}")
             owner[identity] = root

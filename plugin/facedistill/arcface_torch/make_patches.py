@@ -26,6 +26,7 @@ from facedistill.arcface_torch.patching import (
     EARLIER_KEY,
     MANIFEST_NAME,
     PATCHED_TEXTS_NAME,
+    SHA256,
     UPSTREAM_COMMIT,
     UPSTREAM_NAME,
     UPSTREAM_TEXTS_NAME,
@@ -38,7 +39,6 @@ from facedistill.arcface_torch.patching import (
 )
 
 NO_NEWLINE_MARKER = b"\\ No newline at end of file"
-SHA256 = r"[0-9a-f]{64}"
 CONTEXT_LINES = 3
 
 

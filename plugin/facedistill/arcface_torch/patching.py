@@ -32,6 +32,7 @@ MANIFEST_NAME = "manifest.json"
 UPSTREAM_TEXTS_NAME = "upstream.json"  # the pinned upstream file of every patched path: what revert writes
 PATCHED_TEXTS_NAME = "patched.json"  # the patched file of every path: what apply writes
 EARLIER_KEY = "earlier_patched_sha256"  # in a manifest entry: the sha256 of each earlier release's patched file
+SHA256 = r"[0-9a-f]{64}"  # a sha256 as the manifest writes it
 MARKER_FILE = "train_v2.py"  # the file whose presence identifies an arcface_torch folder
 INSIGHTFACE_SUBDIR = ("recognition", "arcface_torch")  # where arcface_torch lives in insightface
 
@@ -98,7 +99,7 @@ class PatchSet:
                 why = f"{path} in {UPSTREAM_TEXTS_NAME} or {PATCHED_TEXTS_NAME} is missing or not {MANIFEST_NAME}'s"
                 raise PatchError(f"patch set {base}: {why} (another sha256); regenerate the patch set")
             earlier = entry.get(EARLIER_KEY, [])
-            if not isinstance(earlier, list) or not all(re.fullmatch(r"[0-9a-f]{64}", str(h)) for h in earlier):
+            if not isinstance(earlier, list) or not all(re.fullmatch(SHA256, str(h)) for h in earlier):
                 raise PatchError(f"{MANIFEST_NAME} in {base}: {path}'s {EARLIER_KEY} is not a list of sha256 hashes")
             files[path] = FilePatch(path, str(entry.get("diff", "")), *both, frozenset(earlier))
         return cls(str(base), commit, files)

@@ -24,14 +24,7 @@ from facedistill.arcface_torch.recipe import (
     recipe_preprocessing,
 )
 from facedistill.models.iresnet import infer_backbone, strip_module_prefix
-from facedistill.teachers import (
-    PreprocessingError,
-    Teacher,
-    create_teacher,
-    make_teacher_id,
-    sha256_file,
-    teacher_takes,
-)
+from facedistill.teachers import PreprocessingError, Teacher, create_teacher, make_teacher_id, sha256_file
 from facedistill.teachers.torch_teacher import ARCFACE_PREPROCESSING
 
 # facedistill backbone -> arcface_torch's name of it
@@ -90,13 +83,11 @@ def create_recipe_teacher(cfg: Recipe, device: str = "cpu", threads: int | None 
     processes); a torch teacher runs on torch's threads, which are the caller's to set."""
     preprocessing = recipe_preprocessing(cfg)  # refuses the keys for a run's backbone or sface
     if not _is_run(cfg):
-        spec = str(cfg.teacher)
-        options = (
-            {"intra_op_threads": threads} if threads is not None and teacher_takes(spec, "intra_op_threads") else {}
-        )
+        # Not a run directory: sface or an .onnx file, both ONNX teachers.
+        options = {} if threads is None else {"intra_op_threads": threads}
         try:
             return create_teacher(
-                spec, preprocessing=preprocessing, preprocessing_keys=RECIPE_PREPROCESSING_KEYS, **options
+                str(cfg.teacher), preprocessing=preprocessing, preprocessing_keys=RECIPE_PREPROCESSING_KEYS, **options
             )
         except PreprocessingError as error:  # named in the recipe's keys, refused as every recipe error is
             raise RecipeError(str(error)) from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,6 @@ __all__ = [
     "Teacher",
     "TorchTeacher",
     "create_teacher",
-    "teacher_kind",
-    "teacher_takes",
     "is_onnx_spec",
     "load_head_centres",
     "make_teacher_id",
@@ -87,30 +84,17 @@ def create_teacher(
             kwargs["preprocessing_keys"] = preprocessing_keys
     elif preprocessing is not None and preprocessing_keys is None:
         kwargs["preprocessing"] = preprocessing
-    name, path_keyword = teacher_kind(spec)
-    if path_keyword is not None:
-        kwargs[path_keyword] = spec
-    return TEACHERS.create(name, **kwargs)
-
-
-def teacher_kind(spec: str) -> tuple[str, str | None]:
-    """The registered teacher that ``spec`` builds, and the keyword its path goes to (None for a name)."""
     if spec in TEACHERS:
-        return spec, None
+        return TEACHERS.create(spec, **kwargs)
     suffix = Path(spec).suffix.lower()
     if suffix == ".onnx":
-        return "onnx", "path"
+        return TEACHERS.create("onnx", path=spec, **kwargs)
     if suffix in _TORCH_SUFFIXES:
-        return "torch", "checkpoint_path"
+        return TEACHERS.create("torch", checkpoint_path=spec, **kwargs)
     known = ", ".join(TEACHERS.names())
     raise ValueError(
         f"unknown teacher {spec!r}: use a registered name ({known}), a .onnx file or a .pth/.pt checkpoint"
     )
-
-
-def teacher_takes(spec: str, keyword: str) -> bool:
-    """Whether the teacher ``spec`` builds takes ``keyword`` (``intra_op_threads``: the ONNX teachers)."""
-    return keyword in inspect.signature(TEACHERS.get(teacher_kind(spec)[0])).parameters
 
 
 def _given_fields(preprocessing: Preprocessing | Mapping[str, object] | tuple | None) -> list[str]:
