@@ -26,6 +26,14 @@ validated with ``--val-only`` (LFW is not read), and only the final rows read LF
         --val-only --exclude recipes/splits/celeba299_49/val_identities.txt \\
         --val-pairs recipes/splits/celeba299_49/val_pairs.tsv \\
         --results benchmarks/results/zoo_screen_split49_8ep_2026-12-07.json --resume
+    # finals: the peers the screen sends on (validation_study.choose_finalists), MD both ways and ArcFace, two
+    # seeds, LFW read once per finished run, each student exported, paired differences against MD
+    python benchmarks/learning_curve.py --out bench_out/finals --rows md_centred_kd_shift4 md_official_shift4 \\
+        arcface_shift4 zoo_finalists --screen benchmarks/results/zoo_screen_split49_8ep_2026-12-07.json \\
+        --baseline md_centred_kd_shift4 --budgets 16 --seeds 0 1 \\
+        --exclude recipes/splits/celeba299_49/val_identities.txt \\
+        --val-pairs recipes/splits/celeba299_49/val_pairs.tsv --export benchmarks/results/students \\
+        --results benchmarks/results/zoo_finals_16ep.json --resume
 
 The screen and the final rows train on the 250 identities of ``recipes/splits/celeba299_49`` and choose on its 2000
 pairs (why: that folder's README); ``--train ../shared/data/celeba299 ../shared/data/celeba_extra`` trains on both
@@ -36,7 +44,8 @@ again, even when its run directory is gone, so commit it as rows finish and a la
 run directory of the same config is reused; an interrupted one continues from its last checkpoint with
 ``--resume``. Beside ``--results`` (same stem): the table (``.md``), the curve (``.png``), and for each row at its
 budget with the most seeds (the final rows' budget; ties go to the largest) the LFW ROC (``_roc.png``) and the
-angles to the teacher's class centres (``_angles_ROW.png``).
+angles to the teacher's class centres (``_angles_ROW.png``), and where rows have several seeds their test accuracy
+as bars (``_bars.png``).
 """
 
 from __future__ import annotations
@@ -76,11 +85,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench_out/curve"), help="run directories and the cache")
     parser.add_argument(
-        "--rows", nargs="+", default=["arcface", "md_centred_kd"], choices=["zoo", "zoo_chosen", *sorted(study.ROWS)],
+        "--rows", nargs="+", default=["arcface", "md_centred_kd"],
+        choices=["zoo", "zoo_chosen", "zoo_finalists", *sorted(study.ROWS)],
         help="rows of benchmarks/validation_study.py ('zoo': every zoo_* row; 'zoo_chosen': each peer's row that "
-        "the tuning rule picks from --tuned)",
+        "the tuning rule picks from --tuned; 'zoo_finalists': the peers the rule sends on from --screen)",
     )  # fmt: skip
     parser.add_argument("--tuned", type=Path, help="results JSON of the zoo's tuning study, for --rows zoo_chosen")
+    parser.add_argument("--screen", type=Path, help="results JSON of the zoo's screen, for --rows zoo_finalists")
+    parser.add_argument(
+        "--baseline", help="the row the table's paired test differences are taken against (default: ArcFace's row)"
+    )
     parser.add_argument("--budgets", nargs="+", type=float, default=[4.0, 8.0, 16.0, 36.0], help="epochs")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--resume", action="store_true", help="continue interrupted runs from their last checkpoint")
@@ -109,16 +123,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     zoo = [row for row in study.ROWS if row.startswith("zoo_")]
-    args.chosen = None
-    if "zoo_chosen" in args.rows:
-        if args.tuned is None:
-            parser.error("--rows zoo_chosen needs --tuned: the results JSON of the tuning study")
+
+    def rule_choice(row: str, flag: str, choose: Any) -> Any:
+        """What a validation rule picks from the results file a row alias reads (None where it is not asked for)."""
+        path = getattr(args, flag)
+        if row not in args.rows:
+            return None
+        if path is None:
+            parser.error(f"--rows {row} needs --{flag}: the results JSON that rule reads")
         try:
-            args.chosen = study.choose_tuned(json.loads(args.tuned.read_text())["runs"])
+            return choose(json.loads(path.read_text())["runs"])
         except (OSError, ValueError, KeyError) as error:
-            parser.error(f"--tuned {args.tuned}: {error}")
-    expand = {"zoo": zoo, "zoo_chosen": list(args.chosen.values()) if args.chosen else []}
+            parser.error(f"--{flag} {path}: {error}")
+
+    args.chosen = rule_choice("zoo_chosen", "tuned", study.choose_tuned)
+    args.finalists = rule_choice("zoo_finalists", "screen", study.choose_finalists)
+    expand = {
+        "zoo": zoo,
+        "zoo_chosen": list(args.chosen.values()) if args.chosen else [],
+        "zoo_finalists": args.finalists or [],
+    }
     args.rows = list(dict.fromkeys(name for row in args.rows for name in expand.get(row, [row])))
+    if args.baseline is not None and args.baseline not in args.rows:
+        parser.error(f"--baseline {args.baseline} is not one of the rows asked for: {args.rows}")
     return args
 
 
@@ -348,6 +375,42 @@ def plot_curve(report: dict[str, Any], teacher_test: float | None, out_png: Path
     figure.savefig(out_png, dpi=120)
 
 
+def plot_bars(report: dict[str, Any], teacher_test: float | None, out_png: Path) -> bool:
+    """The final rows side by side: test accuracy (mean ± std over seeds x folds) of each row at its budget with
+    the most seeds, labelled with its training minutes. Drawn only where some row has two or more tested seeds."""
+    tested = {
+        row: entries
+        for row, entries in plotted_runs(report).items()
+        if all(entry["test"] is not None for entry in entries)
+    }
+    if not any(len(entries) > 1 for entries in tested.values()):
+        return False
+    from matplotlib.figure import Figure
+
+    rows = sorted(tested, key=lambda row: folds(tested[row]).mean())
+    figure = Figure(figsize=(8.0, 0.5 * len(rows) + 1.8))
+    axes = figure.subplots()
+    means = [folds(tested[row]).mean() for row in rows]
+    stds = [folds(tested[row]).std(ddof=1) for row in rows]
+    axes.barh(range(len(rows)), means, xerr=stds, color="C0", alpha=0.8, capsize=3)
+    labels = []
+    for row in rows:
+        entries = tested[row]
+        minutes = statistics.mean(entry["train_minutes"] for entry in entries)
+        labels.append(f"{row}\n{entries[0]['budget_epochs']:g} ep, {len(entries)} seeds, {minutes:.0f} min")
+    axes.set_yticks(range(len(rows)), labels, fontsize=7)
+    if teacher_test is not None:
+        axes.axvline(teacher_test, color="black", linestyle="-.", label=f"teacher (SFace): {teacher_test:.2f}")
+        axes.legend(fontsize=7, loc="lower right")
+    low = min(mean - std for mean, std in zip(means, stds, strict=True))
+    axes.set_xlim(max(0.0, low - 3.0), 100.0 if teacher_test is None else max(teacher_test + 1.0, max(means) + 3.0))
+    axes.set_xlabel(f"{report['test_name']} accuracy (%), mean ± std over seeds x folds")
+    axes.grid(alpha=0.3, axis="x")
+    figure.tight_layout()
+    figure.savefig(out_png, dpi=120)
+    return True
+
+
 def teacher_test_accuracy(args: argparse.Namespace) -> float | None:
     if args.teacher_test is not None:
         return args.teacher_test
@@ -378,15 +441,20 @@ def plotted_runs(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 
 def write_outputs(report: dict[str, Any], args: argparse.Namespace, stem: Path) -> None:
-    lines = table(report, paired_baseline(report, args.rows))
+    lines = table(report, args.baseline or paired_baseline(report, args.rows))
     if report.get("tuned"):
         tuned = report["tuned"]
         picks = ", ".join(f"{method}: {row}" for method, row in tuned["chosen"].items())
         lines += ["", f"Peers as tuned on validation ({tuned['file']}, highest val AUC, accuracy within "
                   f"{study.TIE_PP} pp): {picks}"]  # fmt: skip
+    if report.get("finalists"):
+        finalists = report["finalists"]
+        lines += ["", f"Peers sent on by the screen ({finalists['file']}, the same rule, {study.FINALISTS} times): "
+                  + ", ".join(finalists["rows"])]  # fmt: skip
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot_curve(report, teacher_test_accuracy(args), Path(f"{stem}.png"))
+    plot_bars(report, teacher_test_accuracy(args), Path(f"{stem}_bars.png"))
     plotted = plotted_runs(report)
     curves = {
         f"{row} {entry['budget_epochs']:g} ep seed {entry['seed']}": VerificationResult.from_dict(entry["test"])
@@ -419,6 +487,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["val_name"] = Path(args.val_pairs).name
     if args.chosen:
         report["tuned"] = {"file": str(args.tuned), "chosen": args.chosen}
+    if args.finalists:
+        report["finalists"] = {"file": str(args.screen), "rows": args.finalists}
     report["test_name"] = (
         "LFW" if args.test_pairs == str(study.SHARED / "lfw_pairs.txt") else Path(args.test_pairs).name
     )

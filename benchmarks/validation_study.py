@@ -170,6 +170,14 @@ def zoo_rows(method: str) -> list[str]:
 TIE_PP = 0.3
 
 
+def rule_pick(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rule's winner among measured entries: the highest validation AUC; among the entries within TIE_PP of
+    it, the highest validation accuracy."""
+    best = max(entry["val_auc"] for entry in entries)
+    close = [entry for entry in entries if (best - entry["val_auc"]) * 100 <= TIE_PP + 1e-9]
+    return max(close, key=lambda entry: (entry["val_accuracy"], entry["val_auc"]))
+
+
 def choose_tuned(runs: dict[str, dict[str, Any]]) -> dict[str, str]:
     """For every zoo method, the row the tuning rule picks from a results file's runs (one budget, seed 0)."""
     chosen: dict[str, str] = {}
@@ -183,10 +191,35 @@ def choose_tuned(runs: dict[str, dict[str, Any]]) -> dict[str, str]:
                 f"tuning of {method} incomplete: rows {missing} not measured (seed 0), budgets {sorted(budgets)}; "
                 "finish the tuning study first"
             )
-        ranked = sorted(entries, key=lambda entry: entry["val_auc"], reverse=True)
-        close = [entry for entry in ranked if (ranked[0]["val_auc"] - entry["val_auc"]) * 100 <= TIE_PP + 1e-9]
-        chosen[method] = max(close, key=lambda entry: (entry["val_accuracy"], entry["val_auc"]))["row"]
+        chosen[method] = rule_pick(entries)["row"]
     return chosen
+
+
+# How many peers the screen sends to the final rows (issue 42: "the best three peers"), fixed before the screen.
+FINALISTS = 3
+
+
+def choose_finalists(runs: dict[str, dict[str, Any]], count: int = FINALISTS) -> list[str]:
+    """The peers the screen sends to the finals: the tuning rule applied ``count`` times, each time to the peers
+    not yet picked (so that count 1 is the rule itself). The screen holds one row per zoo method, seed 0, one
+    budget; MD and ArcFace rows in it are not peers and go to the finals anyway."""
+    method_of = {row: method for method in ZOO_VARIANTS for row in zoo_rows(method)}
+    entries = [entry for entry in runs.values() if entry["row"] in method_of and entry["seed"] == 0]
+    per_method: dict[str, list[str]] = {}
+    for entry in entries:
+        per_method.setdefault(method_of[entry["row"]], []).append(entry["row"])
+    missing = sorted(set(ZOO_VARIANTS) - set(per_method))
+    doubled = {method: rows for method, rows in per_method.items() if len(rows) > 1}
+    budgets = sorted({entry["budget_epochs"] for entry in entries})
+    if missing or doubled or len(budgets) != 1:
+        raise ValueError(
+            f"screen incomplete or ambiguous: methods {missing} not measured (seed 0), several rows of one method "
+            f"{doubled}, budgets {budgets}; the screen holds each peer's tuned row once, at one budget"
+        )
+    finalists: list[str] = []
+    for _ in range(min(count, len(entries))):
+        finalists.append(rule_pick([entry for entry in entries if entry["row"] not in finalists])["row"])
+    return finalists
 
 
 def publish(report: dict[str, Any], lines: list[str], results: Path | None) -> None:

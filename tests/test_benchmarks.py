@@ -265,6 +265,80 @@ def test_the_zoo_tuning_rule_picks_the_best_auc_and_breaks_a_near_tie_on_accurac
         study.choose_tuned(runs)
 
 
+def test_the_screen_sends_on_the_peers_the_tuning_rule_picks_in_turn(tmp_path: Path) -> None:
+    import pytest
+
+    study = load_benchmark("validation_study")
+    curve = load_benchmark("learning_curve")
+    scores = {  # method: (val AUC, val accuracy) of its tuned row at the screen's budget
+        "kd": (0.850, 0.78), "gkd": (0.852, 0.76), "embedding": (0.848, 0.80), "triplet": (0.840, 0.79),
+        "adadistill": (0.820, 0.75), "angular": (0.810, 0.74), "rkd": (0.800, 0.72), "arcdistill": (0.805, 0.73),
+        "ekd": (0.790, 0.71),
+    }  # fmt: skip
+    runs = {
+        f"{row}_8ep_seed0": {"row": row, "seed": 0, "budget_epochs": 8.0, "val_auc": auc, "val_accuracy": accuracy}
+        for row, (auc, accuracy) in (("arcface_shift4", (0.86, 0.80)), ("md_centred_kd_shift4", (0.87, 0.81)))
+    }
+    for method, (auc, accuracy) in scores.items():
+        row = study.zoo_rows(method)[-1]
+        runs[f"{row}_8ep_seed0"] = {
+            "row": row,
+            "seed": 0,
+            "budget_epochs": 8.0,
+            "val_auc": auc,
+            "val_accuracy": accuracy,
+        }
+    # gkd has the best AUC, but kd (0.2 pp below) has the better accuracy: kd first, then gkd; embedding, 0.4 pp
+    # below gkd, is the third; triplet's better accuracy does not count 0.8 pp of AUC down. MD and ArcFace are no peers.
+    finalists = study.choose_finalists(runs)
+    assert finalists == ["zoo_kd_t8", "zoo_gkd_warm025", "zoo_embedding_w64"]
+    assert study.choose_finalists(runs, count=1) == [
+        study.rule_pick([runs[f"{row}_8ep_seed0"] for row in finalists])["row"]
+    ]
+    screen = tmp_path / "screen.json"
+    screen.write_text(json.dumps({"runs": runs}))
+    args = curve.parse_args(
+        [
+            "--rows",
+            "md_centred_kd_shift4",
+            "zoo_finalists",
+            "--screen",
+            str(screen),
+            "--baseline",
+            "md_centred_kd_shift4",
+        ]
+    )
+    assert args.rows == ["md_centred_kd_shift4", *finalists] and args.finalists == finalists
+    with pytest.raises(SystemExit):  # a baseline that is not one of the rows pairs nothing
+        curve.parse_args(["--rows", "zoo_kd", "--baseline", "arcface_shift4"])
+    del runs["zoo_ekd_x100_8ep_seed0"]
+    with pytest.raises(ValueError, match=r"methods \['ekd'\] not measured"):
+        study.choose_finalists(runs)
+    runs["zoo_ekd_8ep_seed0"] = {**runs["zoo_kd_t8_8ep_seed0"], "row": "zoo_ekd"}
+    runs["zoo_ekd_x10_8ep_seed0"] = {**runs["zoo_kd_t8_8ep_seed0"], "row": "zoo_ekd_x10"}
+    with pytest.raises(ValueError, match="several rows of one method"):
+        study.choose_finalists(runs)
+
+
+def test_learning_curve_draws_the_final_rows_as_bars_with_their_seed_x_fold_spread(tmp_path: Path) -> None:
+    import pytest
+
+    curve = load_benchmark("learning_curve")
+
+    def entry(row: str, seed: int, accuracies: list[float] | None) -> dict:
+        test = None if accuracies is None else {"fold_accuracies": accuracies}
+        return {"row": row, "budget_epochs": 16.0, "seed": seed, "train_minutes": 30.0, "test": test}
+
+    report = {"test_name": "LFW", "runs": {"md_16ep_seed0": entry("md", 0, [0.88, 0.86])}}
+    assert not curve.plot_bars(report, None, tmp_path / "one_seed.png")  # one seed each: the curve says it all
+    report["runs"]["md_16ep_seed1"] = entry("md", 1, [0.90, 0.87])
+    report["runs"]["kd_16ep_seed0"] = entry("kd", 0, [0.85, 0.84])
+    report["runs"]["screen_16ep_seed0"] = entry("screen", 0, None)  # validation only: no bar
+    assert curve.plot_bars(report, 91.0, tmp_path / "bars.png")
+    assert (tmp_path / "bars.png").stat().st_size > 10_000
+    assert curve.folds(list(curve.plotted_runs(report)["md"])).tolist() == pytest.approx([88.0, 86.0, 90.0, 87.0])
+
+
 def test_learning_curve_trains_on_several_roots_as_one_set_and_keeps_each_sets_results_apart(tmp_path) -> None:
     import pytest
 
