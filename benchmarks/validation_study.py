@@ -125,8 +125,10 @@ ROWS: dict[str, dict[str, Any]] = {
 # paper's default), chosen on validation at the tuning budget. Where two values' AUCs were more than TIE_PP apart
 # and the better one was the end of a numeric grid, a third value one step further out was added (embedding w64,
 # angular a64, arcdistill m036, triplet w16, ekd x100; decided before any of them was trained), so that no peer's
-# choice is a grid's edge the data still pointed past. Triplet and EKD learn from pairs inside the batch, so they
-# get identity-balanced batches (32 identities x 4 images); the others the random sampler.
+# choice is a grid's edge the data still pointed past; where the new end won again by more than TIE_PP, one more
+# step (angular a256, arcdistill m029), and the rule chooses among all of a method's values. Two steps past the
+# paper's grid is where the extension stops, whatever the last step showed. Triplet and EKD learn from pairs inside
+# the batch, so they get identity-balanced batches (32 identities x 4 images); the others the random sampler.
 SHIFT4 = {"data": {"shift": 4}}
 BALANCED = {"data": {"shift": 4, "sampler": "identity_balanced", "images_per_identity": 4}}
 PEER = {"scale": 32.0, "margin": 0.5}
@@ -139,11 +141,11 @@ ZOO_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, dict[str
     "embedding": ({"name": "embedding", **PEER, "loss": "cosine", "head": "frozen"}, SHIFT4,
                   {"": {"weight": 1.0}, "w16": {"weight": 16.0}, "w64": {"weight": 64.0}}),
     "angular": ({"name": "angular", **PEER}, SHIFT4, {"": {"alpha": 1.0}, "a16": {"alpha": 16.0},
-                                                    "a64": {"alpha": 64.0}}),
+                                                    "a64": {"alpha": 64.0}, "a256": {"alpha": 256.0}}),
     "rkd": ({"name": "rkd", **PEER}, SHIFT4, {"": {"distance_weight": 25.0, "angle_weight": 50.0},
                                             "x02": {"distance_weight": 5.0, "angle_weight": 10.0}}),
     "arcdistill": ({"name": "arcdistill", "scale": 32.0}, SHIFT4, {"": {"margin": 0.5}, "m043": {"margin": 0.43},
-                                                                  "m036": {"margin": 0.36}}),
+                                                                  "m036": {"margin": 0.36}, "m029": {"margin": 0.29}}),
     "triplet": ({"name": "triplet", **PEER}, BALANCED, {"": {"triplet_weight": 1.0}, "w4": {"triplet_weight": 4.0},
                                                        "w16": {"triplet_weight": 16.0}}),
     "ekd": ({"name": "ekd", **PEER}, BALANCED, {"": {"positive_weight": 0.02, "negative_weight": 0.01},
