@@ -126,9 +126,10 @@ ROWS: dict[str, dict[str, Any]] = {
 # and the better one was the end of a numeric grid, a third value one step further out was added (embedding w64,
 # angular a64, arcdistill m036, triplet w16, ekd x100; decided before any of them was trained), so that no peer's
 # choice is a grid's edge the data still pointed past; where the new end won again by more than TIE_PP, one more
-# step (angular a256, arcdistill m029), and the rule chooses among all of a method's values. Two steps past the
-# paper's grid is where the extension stops, whatever the last step showed. Triplet and EKD learn from pairs inside
-# the batch, so they get identity-balanced batches (32 identities x 4 images); the others the random sampler.
+# step (angular a256, arcdistill m029, ekd x1000), and the rule chooses among all of a method's values. Two steps
+# past the paper's grid is where the extension stops, whatever the last step showed. Triplet and EKD learn from
+# pairs inside the batch, so they get identity-balanced batches (32 identities x 4 images); the others the random
+# sampler.
 SHIFT4 = {"data": {"shift": 4}}
 BALANCED = {"data": {"shift": 4, "sampler": "identity_balanced", "images_per_identity": 4}}
 PEER = {"scale": 32.0, "margin": 0.5}
@@ -150,7 +151,8 @@ ZOO_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, dict[str
                                                        "w16": {"triplet_weight": 16.0}}),
     "ekd": ({"name": "ekd", **PEER}, BALANCED, {"": {"positive_weight": 0.02, "negative_weight": 0.01},
                                                "x10": {"positive_weight": 0.2, "negative_weight": 0.1},
-                                               "x100": {"positive_weight": 2.0, "negative_weight": 1.0}}),
+                                               "x100": {"positive_weight": 2.0, "negative_weight": 1.0},
+                                               "x1000": {"positive_weight": 20.0, "negative_weight": 10.0}}),
 }  # fmt: skip
 # Every zoo method reads the teacher (its centres, its embeddings or both), so every zoo row reads it centred.
 for _method, (_defaults, _data, _variants) in ZOO_VARIANTS.items():
