@@ -311,7 +311,7 @@ def test_the_screen_sends_on_the_peers_the_tuning_rule_picks_in_turn(tmp_path: P
     assert args.rows == ["md_centred_kd_shift4", *finalists] and args.finalists == finalists
     with pytest.raises(SystemExit):  # a baseline that is not one of the rows pairs nothing
         curve.parse_args(["--rows", "zoo_kd", "--baseline", "arcface_shift4"])
-    del runs["zoo_ekd_x100_8ep_seed0"]
+    del runs[f"{study.zoo_rows('ekd')[-1]}_8ep_seed0"]
     with pytest.raises(ValueError, match=r"methods \['ekd'\] not measured"):
         study.choose_finalists(runs)
     runs["zoo_ekd_8ep_seed0"] = {**runs["zoo_kd_t8_8ep_seed0"], "row": "zoo_ekd"}
