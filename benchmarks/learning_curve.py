@@ -387,11 +387,12 @@ def plot_bars(report: dict[str, Any], teacher_test: float | None, out_png: Path)
         return False
     from matplotlib.figure import Figure
 
-    rows = sorted(tested, key=lambda row: folds(tested[row]).mean())
+    scores = {row: folds(entries) for row, entries in tested.items()}
+    rows = sorted(scores, key=lambda row: scores[row].mean())
     figure = Figure(figsize=(8.0, 0.5 * len(rows) + 1.8))
     axes = figure.subplots()
-    means = [folds(tested[row]).mean() for row in rows]
-    stds = [folds(tested[row]).std(ddof=1) for row in rows]
+    means = [scores[row].mean() for row in rows]
+    stds = [scores[row].std(ddof=1) for row in rows]
     axes.barh(range(len(rows)), means, xerr=stds, color="C0", alpha=0.8, capsize=3)
     labels = []
     for row in rows:
@@ -453,8 +454,9 @@ def write_outputs(report: dict[str, Any], args: argparse.Namespace, stem: Path) 
                   + ", ".join(finalists["rows"])]  # fmt: skip
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot_curve(report, teacher_test_accuracy(args), Path(f"{stem}.png"))
-    plot_bars(report, teacher_test_accuracy(args), Path(f"{stem}_bars.png"))
+    teacher_test = teacher_test_accuracy(args)
+    plot_curve(report, teacher_test, Path(f"{stem}.png"))
+    plot_bars(report, teacher_test, Path(f"{stem}_bars.png"))
     plotted = plotted_runs(report)
     curves = {
         f"{row} {entry['budget_epochs']:g} ep seed {entry['seed']}": VerificationResult.from_dict(entry["test"])
