@@ -50,7 +50,7 @@ setup(
         # RecordIO layouts). Pinned: those tests check behaviour of this release. It requires the GUI build
         # opencv-python, which installs the same cv2 package as the headless build above; both resolve to the same
         # release, so either copy of the shared files works.
-        "test": ["pytest>=7", "ruff>=0.4", "hypothesis>=6", "insightface==2.1"],
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "ruff>=0.4", "hypothesis>=6", "insightface==2.1"],
     },
     entry_points={"console_scripts": ["facedistill = facedistill.cli:app"]},
 )

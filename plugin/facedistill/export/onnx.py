@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 
@@ -138,6 +137,8 @@ def verify_onnx(onnx_path: str | os.PathLike[str], model: nn.Module, batch: torc
 
 def read_onnx_metadata(onnx_path: str | os.PathLike[str]) -> dict[str, str]:
     """The ``metadata_props`` of an ONNX file as a dict (weights are not loaded)."""
+    import onnx  # imported where used: onnx costs every process that imports this module seconds at start
+
     proto = onnx.load(str(onnx_path), load_external_data=False)
     return {p.key: p.value for p in proto.metadata_props}
 
@@ -293,6 +294,8 @@ def _export_with_fallback(net: nn.Module, dummy: torch.Tensor, path: str, opset:
 def _annotate_and_check(path: str, meta: Mapping[str, str], opset: int) -> int:
     """Write ``meta`` into the exported file's ``metadata_props``, check the graph fully (opset, a dynamic batch)
     and return its opset."""
+    import onnx
+
     proto = onnx.load(path)
     kept = [p for p in proto.metadata_props if p.key not in meta]
     del proto.metadata_props[:]

@@ -18,12 +18,10 @@ import warnings
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
-from onnx import shape_inference
 
 from facedistill.export.onnx import INPUT_METADATA, PREPROCESSING_METADATA
 from facedistill.teachers.base import (
@@ -42,6 +40,11 @@ from facedistill.teachers.base import (
     sha256_file,
 )
 
+if TYPE_CHECKING:  # onnx and onnxruntime are imported where used: every rank of a training that imports the
+    # teachers (the plugin's dataset does) would otherwise pay their seconds of import at start, ONNX teacher or not.
+    import onnx
+    import onnxruntime as ort
+
 log = logging.getLogger(__name__)
 
 _BATCH_DIM = "batch"
@@ -49,6 +52,8 @@ _BATCH_DIM = "batch"
 
 def _consumed_names(graph: onnx.GraphProto) -> set[str]:
     """Every value name read by a node, including from inside If/Loop/Scan bodies (outer-scope reads)."""
+    import onnx
+
     names: set[str] = set()
     for node in graph.node:
         names.update(name for name in node.input if name)
@@ -128,6 +133,8 @@ def make_batch_dynamic(model: onnx.ModelProto) -> bool:
     if changed:
         del graph.value_info[:]
         try:
+            from onnx import shape_inference
+
             inferred = shape_inference.infer_shapes(model)
             del graph.value_info[:]
             graph.value_info.extend(inferred.graph.value_info)
@@ -177,6 +184,8 @@ def session_providers(
     """onnxruntime's ``providers``: ``requested`` (default: CUDA where onnxruntime has it, then the CPU), each GPU
     provider as ``(name, {"device_id": gpu_index(device)})``; only the CPU's when ``device`` is the CPU."""
     if requested is None:
+        import onnxruntime as ort
+
         cuda = "CUDAExecutionProvider" in ort.get_available_providers()
         requested = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
     index = gpu_index(device)
@@ -319,6 +328,8 @@ class OnnxTeacher(Teacher):
         self._providers = session_providers(providers, device)
         self.graph_fixes: list[str] = []
 
+        import onnx
+
         model = onnx.load(str(self.path))
         metadata = {prop.key: prop.value for prop in model.metadata_props}
         self.preprocessing = resolve_preprocessing(str(self.path), metadata, preprocessing, preprocessing_keys)
@@ -382,6 +393,8 @@ class OnnxTeacher(Teacher):
         self.teacher_id = make_teacher_id(name or self.path.stem, self.weights_sha256, self.preprocessing)
 
     def _make_session(self, model_bytes: bytes) -> ort.InferenceSession:
+        import onnxruntime as ort
+
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = self.intra_op_threads
