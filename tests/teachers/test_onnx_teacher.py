@@ -547,12 +547,13 @@ def test_a_device_the_caller_names_wins_and_tensorrt_gets_it_too(
 def test_what_every_training_rank_imports_leaves_onnx_unimported() -> None:
     # The plugin's dataset and hooks import the teachers; onnx (with ml_dtypes) alone costs each rank seconds of
     # start, so it is imported only where an ONNX model is read, exported or run.
-    import subprocess
     import sys
+
+    from tests.multiprocess import run_command
 
     code = (
         "import sys, facedistill.arcface_torch.data, facedistill.arcface_torch.hooks, facedistill.teachers, "
         "facedistill.export.onnx; print(sorted(m for m in ('onnx', 'onnxruntime') if m in sys.modules))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    result = run_command([sys.executable, "-c", code], timeout=120)
     assert result.stdout.strip() == "[]", result.stdout + result.stderr[-2000:]
