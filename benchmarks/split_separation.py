@@ -6,7 +6,9 @@ contain the 30) leaves 250 training identities. Runs trained without all 49 iden
 sets; for each set this prints every run's accuracy (mean ± std over its folds) and AUC, and for each run against
 the first: the paired per-fold accuracy difference, its t statistic (mean / (std / sqrt(folds))), and the AUC
 difference with its standard error from a paired bootstrap over pairs (same and different pairs resampled apart).
-The set with the larger |t| and |AUC difference| / SE separates the methods better at the same models.
+The set with the larger |t| and |AUC difference| / SE separates the methods better at the same models. Beside the
+table, a picture: each run's AUC difference to the first with its 95 % interval (1.96 SE), one panel per pair set.
+``--from-results FILE`` redraws the table and the picture from a saved report without reading a model.
 
     python benchmarks/split_separation.py \\
         --runs bench_out/split49/runs/arcface_shift4_8ep_seed0 bench_out/split49/runs/md_centred_kd_shift4_8ep_seed0 \\
@@ -17,6 +19,7 @@ The set with the larger |t| and |AUC difference| / SE separates the methods bett
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 from pathlib import Path
@@ -35,12 +38,16 @@ import validation_study as study  # noqa: E402  (the studies' shared output)
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", type=Path, required=True, help="finished run directories (last.pt)")
-    parser.add_argument("--pairs", nargs="+", type=Path, required=True, help="pair files (left, right, label, fold)")
-    parser.add_argument("--images", type=Path, required=True, help="the folder the pairs' paths are relative to")
+    parser.add_argument("--runs", nargs="+", type=Path, help="finished run directories (last.pt)")
+    parser.add_argument("--pairs", nargs="+", type=Path, help="pair files (left, right, label, fold)")
+    parser.add_argument("--images", type=Path, help="the folder the pairs' paths are relative to")
     parser.add_argument("--bootstrap", type=int, default=2000, help="resamples of the pairs for the AUC's SE")
-    parser.add_argument("--results", type=Path, help="JSON (and a .md beside it) of the table")
-    return parser.parse_args(argv)
+    parser.add_argument("--results", type=Path, help="JSON (and a .md and .png beside it) of the table")
+    parser.add_argument("--from-results", type=Path, help="redraw the table and plot of this saved report")
+    args = parser.parse_args(argv)
+    if args.from_results is None and not (args.runs and args.pairs and args.images):
+        parser.error("give --runs, --pairs and --images (or --from-results FILE to redraw a saved report)")
+    return args
 
 
 def pairs_auc(scores: np.ndarray, same: np.ndarray) -> float:
@@ -114,8 +121,42 @@ def table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def plot(report: dict[str, Any], path: Path) -> None:
+    """AUC difference to the first run, with its 95 % bootstrap interval, per run and pair set."""
+    from matplotlib.figure import Figure
+
+    splits = report["splits"]
+    base = next(iter(next(iter(splits.values()))["runs"]))
+    runs = [run for run in next(iter(splits.values()))["runs"] if run != base]
+    figure = Figure(figsize=(4.2 * len(splits) + 1.5, 0.35 * len(runs) + 1.6))
+    axes = figure.subplots(1, len(splits), sharey=True, squeeze=False)[0]
+    for panel, (name, split) in zip(axes, splits.items(), strict=True):
+        paired = [split["runs"][run]["paired"] for run in runs]
+        differences = [p["auc_difference_pp"] for p in paired]
+        intervals = [1.96 * p["auc_difference_se_pp"] for p in paired]
+        colors = [
+            "C2" if d - i > 0 else "C3" if d + i < 0 else "C7" for d, i in zip(differences, intervals, strict=True)
+        ]
+        panel.barh(range(len(runs)), differences, xerr=intervals, color=colors, alpha=0.8, capsize=3)
+        panel.axvline(0.0, color="black", linewidth=0.8)
+        panel.set_title(f"{Path(name).parent.name}: {split['pairs']} pairs", fontsize=9)
+        panel.set_xlabel("AUC difference (pp) ± 1.96 bootstrap SE")
+        panel.grid(alpha=0.3, axis="x")
+    axes[0].set_yticks(range(len(runs)), [run.removesuffix("_seed0") for run in runs], fontsize=8)
+    title = f"validation AUC against {base.removesuffix('_seed0')} (green/red: interval clear of 0)"
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.from_results is not None:
+        report = json.loads(args.from_results.read_text())
+        results = args.results or args.from_results
+        study.publish(report, table(report), results)
+        plot(report, results.with_suffix(".png"))
+        return report
     for run in args.runs:
         if not (run / "last.pt").exists():
             raise SystemExit(f"{run}: no last.pt; give finished run directories")
@@ -125,6 +166,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     lines = table(report)
     study.publish(report, lines, args.results)
+    if args.results is not None:
+        plot(report, args.results.with_suffix(".png"))
     return report
 
 

@@ -422,6 +422,12 @@ def test_split_separation_reads_the_same_runs_on_each_pair_set(tmp_path) -> None
     paired = first["runs"]["moved_1ep_seed0"]["paired"]
     assert paired["against"] == "zoo_kd_1ep_seed0" and paired["auc_difference_se_pp"] > 0
     assert (tmp_path / "separation.md").read_text().count("| moved_1ep_seed0 |") == 2
+    assert (tmp_path / "separation.png").stat().st_size > 0
+    # A saved report redraws to the same table without reading a model.
+    table = (tmp_path / "separation.md").read_text()
+    redrawn = tmp_path / "redrawn.json"
+    separation.main(["--from-results", str(tmp_path / "separation.json"), "--results", str(redrawn)])
+    assert redrawn.with_suffix(".md").read_text() == table and redrawn.with_suffix(".png").exists()
 
 
 def test_centre_quality_reads_each_root_by_images_per_identity(tmp_path) -> None:
