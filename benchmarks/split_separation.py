@@ -69,29 +69,40 @@ def bootstrap_auc_difference(
     return float(differences.std(ddof=1))
 
 
+def run_labels(runs: list[Path]) -> list[str]:
+    """Each run's name in the report: its directory's name, or ``STUDY/NAME`` (the study folder above ``runs/``)
+    where two studies hold a run of the same name (the same row trained on two training sets)."""
+    names = [run.name for run in runs]
+    labels = [run.name if names.count(run.name) == 1 else f"{run.parent.parent.name}/{run.name}" for run in runs]
+    if len(set(labels)) != len(labels):
+        raise SystemExit(f"runs {[str(run) for run in runs]}: two are the same run; give each once")
+    return labels
+
+
 def read_set(runs: list[Path], pairs_path: Path, images: Path, resamples: int) -> dict[str, Any]:
     pairs_set = load_pairs_set(pairs_path, images, name=pairs_path.parent.name)
     same = np.asarray(pairs_set.pairs.issame, dtype=bool)
     per_run: dict[str, Any] = {}
     scores: dict[str, np.ndarray] = {}
-    for run in runs:
+    labels = run_labels(runs)
+    for run, label in zip(runs, labels, strict=True):
         student, _ = load_student(run / "last.pt")
-        result, scores[run.name] = evaluate_pairs(student_embedder(student), pairs_set, num_workers=1, progress=False)
-        per_run[run.name] = {
+        result, scores[label] = evaluate_pairs(student_embedder(student), pairs_set, num_workers=1, progress=False)
+        per_run[label] = {
             "fold_accuracies": (np.asarray(result.fold_accuracies) * 100).tolist(),
             "auc": result.auc * 100,
         }
-    base = runs[0].name
-    for run in runs[1:]:
-        delta = np.asarray(per_run[run.name]["fold_accuracies"]) - np.asarray(per_run[base]["fold_accuracies"])
+    base = labels[0]
+    for label in labels[1:]:
+        delta = np.asarray(per_run[label]["fold_accuracies"]) - np.asarray(per_run[base]["fold_accuracies"])
         spread = delta.std(ddof=1)
-        per_run[run.name]["paired"] = {
+        per_run[label]["paired"] = {
             "against": base,
             "mean_pp": float(delta.mean()),
             "std_pp": float(spread),
             "t": float(delta.mean() / (spread / np.sqrt(len(delta)))) if spread > 0 else float("inf"),
-            "auc_difference_pp": per_run[run.name]["auc"] - per_run[base]["auc"],
-            "auc_difference_se_pp": 100 * bootstrap_auc_difference(scores[run.name], scores[base], same, resamples),
+            "auc_difference_pp": per_run[label]["auc"] - per_run[base]["auc"],
+            "auc_difference_se_pp": 100 * bootstrap_auc_difference(scores[label], scores[base], same, resamples),
         }
     return {"pairs": len(same), "folds": len(per_run[base]["fold_accuracies"]), "runs": per_run}
 

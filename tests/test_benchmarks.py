@@ -320,6 +320,31 @@ def test_the_screen_sends_on_the_peers_the_tuning_rule_picks_in_turn(tmp_path: P
         study.choose_finalists(runs)
 
 
+def test_extra_data_is_adopted_only_when_every_row_gains_beyond_twice_the_mean_gains_error() -> None:
+    import pytest
+
+    study = load_benchmark("validation_study")
+    # Mean gain 1.0 pp, its error sqrt(0.5² + 0.5²) / 2 = 0.35: adopted.
+    assert study.adopt_extra_data({"md": (1.2, 0.5), "arcface": (0.8, 0.5)})
+    # The same mean gain, but one row loses AUC: not adopted.
+    assert not study.adopt_extra_data({"md": (2.1, 0.5), "arcface": (-0.1, 0.5)})
+    # Both gain, but within noise (mean 0.5 pp, error 0.46): not adopted.
+    assert not study.adopt_extra_data({"md": (0.6, 0.7), "arcface": (0.4, 0.6)})
+    with pytest.raises(ValueError, match="no rows"):
+        study.adopt_extra_data({})
+
+
+def test_split_separation_names_a_row_trained_in_two_studies_by_its_study(tmp_path: Path) -> None:
+    import pytest
+
+    separation = load_benchmark("split_separation")
+    runs = [tmp_path / study / "runs" / row for study, row in (
+        ("split49", "md_8ep_seed0"), ("extra", "md_8ep_seed0"), ("extra", "arcface_8ep_seed0"))]  # fmt: skip
+    assert separation.run_labels(runs) == ["split49/md_8ep_seed0", "extra/md_8ep_seed0", "arcface_8ep_seed0"]
+    with pytest.raises(SystemExit, match="the same run"):
+        separation.run_labels([runs[0], runs[0]])
+
+
 def test_learning_curve_draws_the_final_rows_as_bars_with_their_seed_x_fold_spread(tmp_path: Path) -> None:
     import pytest
 
