@@ -137,8 +137,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     from matplotlib.figure import Figure
 
     splits = report["splits"]
-    base = next(iter(next(iter(splits.values()))["runs"]))
-    runs = [run for run in next(iter(splits.values()))["runs"] if run != base]
+    base, *runs = next(iter(splits.values()))["runs"]
     figure = Figure(figsize=(4.2 * len(splits) + 1.5, 0.35 * len(runs) + 1.6))
     axes = figure.subplots(1, len(splits), sharey=True, squeeze=False)[0]
     for panel, (name, split) in zip(axes, splits.items(), strict=True):
@@ -162,23 +161,20 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    results = args.results or args.from_results
     if args.from_results is not None:
         report = json.loads(args.from_results.read_text())
-        results = args.results or args.from_results
-        study.publish(report, table(report), results)
+    else:
+        for run in args.runs:
+            if not (run / "last.pt").exists():
+                raise SystemExit(f"{run}: no last.pt; give finished run directories")
+        report = {
+            "machine": {"host": platform.node(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
+            "splits": {str(path): read_set(args.runs, path, args.images, args.bootstrap) for path in args.pairs},
+        }
+    study.publish(report, table(report), results)
+    if results is not None:
         plot(report, results.with_suffix(".png"))
-        return report
-    for run in args.runs:
-        if not (run / "last.pt").exists():
-            raise SystemExit(f"{run}: no last.pt; give finished run directories")
-    report = {
-        "machine": {"host": platform.node(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
-        "splits": {str(path): read_set(args.runs, path, args.images, args.bootstrap) for path in args.pairs},
-    }
-    lines = table(report)
-    study.publish(report, lines, args.results)
-    if args.results is not None:
-        plot(report, args.results.with_suffix(".png"))
     return report
 
 
